@@ -1,0 +1,77 @@
+"""Defaults shared by every experiment: DenseFlow-74-10 on 32x32x3 images.
+
+Every other config imports this one and overrides fields; any field can also be
+overridden on the command line, e.g. ``--config.train.batch_size=32``.
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---- model (official constructor: DenseFlow(data_shape, block_config, ...)) ----
+  m = config.model = ml_collections.ConfigDict()
+  m.image_shape = (32, 32, 3)          # H, W, C of the uint8 images
+  m.num_bits = 8
+  m.block_config = (6, 4, 1)           # units per block
+  m.layers_config = (5, 6, 20)         # glow-like modules per unit, per block
+  m.mid_channels = (48, 48, 48)        # coupling-network width, per block
+  m.growth_rate = 10                   # channels each unit adds (cross-unit coupling)
+  # Ablation switches (paper Table 4).
+  m.cross_unit = True                  # False: no augmentation, units keep their width
+  m.noise = 'preconditioned'           # 'preconditioned' (g network) or 'white' (N(0, I))
+  m.coupling_net = 'dense_attention'   # 'dense_attention' (official) or 'glow'
+  m.glow_channels = 256                # hidden width of the 'glow' coupling network
+  m.dequantization = 'variational'     # 'variational' (official) or 'uniform'
+  m.conv1x1 = 'full'                   # 'full' (official) or 'lu'
+  # Performance knobs: they do not change the maths.
+  m.compute_dtype = 'float32'          # dtype of convolutions / attention ('bfloat16')
+  m.remat = False                      # rematerialise coupling networks (saves memory)
+
+  # ---- data ----
+  d = config.data = ml_collections.ConfigDict()
+  d.dataset = 'cifar10'     # tfds name ('cifar10', 'imagenet_resized/32x32', ...),
+                            # 'digits', or 'npz' / 'folder' with data.source
+  d.source = ''             # path of an .npz (train/test uint8 [N,H,W,C]) or image folder
+  d.tfds_data_dir = ''      # '' = TFDS default (~/tensorflow_datasets)
+  d.augmentation = 'eta'    # 'none', 'horizontal_flip' or 'eta'
+  d.worker_count = 0        # grain worker processes
+  d.prefetch = 2
+
+  # ---- training (official recipe) ----
+  t = config.train = ml_collections.ConfigDict()
+  t.batch_size = 64                    # global batch, divided over all devices
+  t.epochs = 400
+  t.optimizer = 'adamax'
+  t.lr = 1e-3
+  t.warmup_steps = 5000
+  t.gamma = 0.9975                     # lr decay per epoch
+  t.finetune_lr = 2e-5                 # official train_more.py
+  t.finetune_epochs = 20
+  t.grad_clip = 0.0                    # 0 = off; global-norm clipping otherwise
+  t.ema_decay = 0.0                    # 0 = off
+  t.log_every = 100
+  t.eval_every_epochs = 1
+  t.sample_every_epochs = 10
+  t.checkpoint_every_steps = 2000
+  t.keep_checkpoints = 3
+  t.max_nonfinite_in_row = 10
+  t.num_steps = -1                     # > 0 stops after this many steps (tests, smoke runs)
+
+  # ---- evaluation ----
+  e = config.eval = ml_collections.ConfigDict()
+  e.batch_size = 256
+  e.k = 1000                           # importance samples for the IWBO
+  e.k_chunk = 50                       # samples per pass
+  e.use_ema = True
+  e.num_examples = -1                  # -1 = whole test split
+
+  # ---- sampling ----
+  s = config.sample = ml_collections.ConfigDict()
+  s.num = 64
+  s.temperature = 1.0
+  s.batch_size = 256
+
+  config.checkpoint = ''               # run any mode from this (converted) checkpoint
+  return config

@@ -1,0 +1,171 @@
+"""Official PyTorch DenseFlow `state_dict` -> our Flax variables (and a checkpoint).
+
+    python -m denseflow_jax.convert --checkpoint PATH --config configs/cifar10.py --out DIR
+
+PATH is an official `checkpoint.pt` (needs PyTorch: `pip install "denseflow-jax[torch]"`)
+or an `.npz` holding one array per state-dict key. DIR receives a checkpoint
+that every mode of `denseflow_jax.main` loads with `--config.checkpoint=DIR`.
+
+Layout changes: conv kernels [out, in, kh, kw] -> [kh, kw, in, out]; per-channel
+[1, C, 1, 1] tensors -> [C]; the modules of a unit are stacked along a leading
+axis (our units are `nn.scan`s). The invertible 1x1 conv keeps [out, in].
+Buffers that our code derives from the config (ActNorm `initialized`,
+`ldj_per_dim`, the shift of the [-0.5, 0.5] mapping, the sigmoid temperature,
+`num_batches_tracked`) are not copied.
+"""
+import argparse
+import re
+import sys
+from typing import Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from denseflow_jax.spec import ModelSpec
+
+# (pattern on the official key, replacement giving our path). Applied in order,
+# each to the result of the previous one; the final string must be a full path.
+_RENAMES = [
+    # Inside coupling / context networks (shared by every place they appear).
+    (r'\.dense\.(\d+)\.nn\.0\.', r'/dense/layer_\1/conv1x1/'),
+    (r'\.dense\.(\d+)\.nn\.2\.', r'/dense/layer_\1/conv3x3/'),
+    (r'\.dense\.(\d+)\.conv\.', r'/dense/gate/conv/'),
+    (r'\.transform\.1/dense/', r'/dense/'),
+    (r'\.transform\.1\.mha\.qkv\.', r'/attention/qkv/'),
+    (r'\.transform\.1\.mha\.out_transform\.', r'/attention/out/'),
+    (r'\.transform\.1\.mix_conv\.0\.', r'/mix_norm/'),
+    (r'\.transform\.1\.mix_conv\.2\.', r'/mix_conv/'),
+    (r'\.transform\.0\.', r'/in_proj/'),
+    (r'\.transform\.2\.', r'/out_proj/'),
+    # Dequantization flow.
+    (r'^transforms\.0\.encoder\.base_dist\.', r'dequantization/base/'),
+    (r'^transforms\.0\.encoder\.context_init\.1([./])', r'dequantization/context/block_in\1'),
+    (r'^transforms\.0\.encoder\.context_init\.2\.', r'dequantization/context/down/'),
+    (r'^transforms\.0\.encoder\.context_init\.3([./])', r'dequantization/context/block_out\1'),
+    (r'(block_(?:in|out))\.(\d+)\.nn\.0\.', r'\1/layer_\2/conv1x1/'),
+    (r'(block_(?:in|out))\.(\d+)\.nn\.2\.', r'\1/layer_\2/conv3x3/'),
+    (r'(block_(?:in|out))\.(\d+)\.conv\.', r'\1/gate/conv/'),
+    (r'^transforms\.0\.encoder\.transforms\.(\d+)\.coupling_net\.0',
+     lambda m: f'dequantization/coupling_{(int(m[1]) - 1) // 2}/net'),
+    (r'^transforms\.0\.encoder\.transforms\.(\d+)\.weight$', '<dequant-conv1x1>'),
+    # DenseFlow blocks: transforms.(3 + 2b).
+    (r'^transforms\.(\d+)\.noise_params\.(\d+)\.transformation\.0\.',
+     lambda m: f'blocks_{(int(m[1]) - 3) // 2}/cross_unit_{m[2]}/g/conv3x3/'),
+    (r'^transforms\.(\d+)\.noise_params\.(\d+)\.transformation\.2\.',
+     lambda m: f'blocks_{(int(m[1]) - 3) // 2}/cross_unit_{m[2]}/g/conv1x1/'),
+    (r'^transforms\.(\d+)\.blocks\.(\d+)\.transforms\.(\d+)\.transforms\.',
+     lambda m: f'blocks_{(int(m[1]) - 3) // 2}/unit_{m[2]}/modules[{m[3]}]/'),
+    (r'\]/0\.', r']/actnorm/'),
+    (r'\]/1\.', r']/conv1x1/'),
+    (r'\]/2\.coupling_net\.0\.dn', r']/coupling/net'),
+    (r'^base_dist\.', r'prior/'),
+]
+_IGNORED = re.compile(r'(^transforms\.0\.ldj_per_dim$|^transforms\.1\._(shift|scale)$|\.initialized$'
+                      r'|\.temperature$|\.num_batches_tracked$|\.dist\.buffer$)')
+_LEAF_NAMES = {'weight': 'weight', 'bias': 'bias', 'loc': 'loc', 'log_scale': 'log_scale',
+               'shift': 'shift', 'running_mean': 'mean', 'running_var': 'var'}
+
+
+class ConvertError(ValueError):
+  """An official state dict that does not match the configured model."""
+
+
+def flax_location(key: str, ndim: int) -> Optional[Tuple[str, Tuple[str, ...], Optional[int]]]:
+  """(collection, path, stacked index) of an official key; None for derived buffers."""
+  if _IGNORED.search(key):
+    return None
+  path = key
+  for pattern, repl in _RENAMES:
+    path = re.sub(pattern, repl, path)
+  if path == '<dequant-conv1x1>':
+    index = int(key.split('.')[4])
+    path = 'dequantization/' + (f'conv1x1_{index // 2}' if index < 8 else 'conv1x1_out') + '/weight'
+  stack = None
+  match = re.search(r'\[(\d+)\]', path)
+  if match:
+    stack = int(match[1])
+    path = path.replace(match[0], '')
+  *parent, leaf = path.replace('.', '/').split('/')
+  if leaf not in _LEAF_NAMES:
+    raise ConvertError(f'unrecognised key in the official state dict: {key!r}')
+  name = _LEAF_NAMES[leaf]
+  if name == 'weight' and ndim == 4:
+    name = 'kernel'                                   # a convolution's [O, I, kh, kw]
+  elif name == 'weight' and ndim == 1:
+    name = 'scale'                                    # BatchNorm's weight
+  collection = 'batch_stats' if name in ('mean', 'var') else 'params'
+  return collection, tuple(parent) + (name,), stack
+
+
+def _to_flax_layout(value: np.ndarray, name: str) -> np.ndarray:
+  if name == 'kernel':
+    return np.transpose(value, (2, 3, 1, 0))          # [O, I, kh, kw] -> [kh, kw, I, O]
+  if name in ('loc', 'log_scale', 'shift'):
+    return value.reshape(-1)                          # [1, C, 1, 1] -> [C]
+  return value
+
+
+def _target_shapes(spec: ModelSpec):
+  from denseflow_jax import model as model_lib     # local: model imports nothing from here
+  m = model_lib.make_model(spec)
+  x = jax.ShapeDtypeStruct((1, *spec.image_shape), jnp.uint8)
+  return jax.eval_shape(lambda x: model_lib.init_variables(m, jax.random.PRNGKey(0), x), x)
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], spec: ModelSpec) -> Dict:
+  """Our variables {'params', 'batch_stats'} (NumPy float32) from an official state dict.
+  Every mismatch (unknown, missing or mis-shaped key) is reported in one ConvertError."""
+  target = _target_shapes(spec)
+  flat = {(col,) + tuple(k.key for k in path): leaf
+          for col in target for path, leaf in jax.tree_util.tree_flatten_with_path(target[col])[0]}
+  out = {k: np.zeros(v.shape, np.float32) for k, v in flat.items()}
+  filled = {k: set() for k in flat}
+  problems = []
+  for key, value in state_dict.items():
+    try:
+      location = flax_location(key, np.ndim(value))
+    except ConvertError as e:
+      problems.append(f'extra key {key!r} (not part of this model: {e})')
+      continue
+    if location is None:
+      continue
+    collection, path, stack = location
+    full = (collection,) + path
+    if full not in flat:
+      problems.append(f'extra key {key!r}: this config has no {"/".join(path)}')
+      continue
+    value = _to_flax_layout(np.asarray(value, np.float32), path[-1])
+    want = flat[full].shape[1:] if stack is not None else flat[full].shape
+    if stack is not None and stack >= flat[full].shape[0]:
+      problems.append(f'extra key {key!r}: module {stack} but the config has '
+                      f'{flat[full].shape[0]} modules in this unit')
+      continue
+    if value.shape != tuple(want):
+      problems.append(f'shape mismatch for {key!r}: official {tuple(np.shape(state_dict[key]))}, '
+                      f'config expects {tuple(want)} (as {"/".join(path)})')
+      continue
+    if stack is None:
+      out[full] = value
+      filled[full].add(None)
+    else:
+      out[full][stack] = value
+      filled[full].add(stack)
+  for full, leaf in flat.items():
+    need = set(range(leaf.shape[0])) if 'modules' in full else {None}
+    if filled[full] != need:
+      problems.append(f'missing key for {"/".join(full)}'
+                      + (f' (modules {sorted(need - filled[full])})' if 'modules' in full else ''))
+  if problems:
+    shown = '\n  '.join(problems[:20])
+    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
+    raise ConvertError(f'the official state dict does not match the config ({len(problems)} '
+                       f'problems); check block_config, layers_config, mid_channels, growth_rate '
+                       f'and image_shape:\n  {shown}{more}')
+  variables = {}
+  for (collection, *path), value in out.items():
+    node = variables.setdefault(collection, {})
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return variables

@@ -1,0 +1,1 @@
+"""Non-invertible networks used inside the flow (coupling networks, noise network g)."""

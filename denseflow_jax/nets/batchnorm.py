@@ -1,0 +1,41 @@
+"""BatchNorm with PyTorch's `nn.BatchNorm2d` semantics (the official coupling nets use it).
+
+Training:   y = (x - mean_B) / sqrt(var_B + eps) * scale + bias, with the biased
+            batch variance; running statistics are updated as
+            r <- (1 - m) r + m * stat, m = 0.1, using the *unbiased* batch variance.
+Evaluation: the running statistics replace the batch statistics.
+
+Flax's BatchNorm keeps the biased variance in its running average, which would
+make converted official statistics drift differently; hence this small module.
+Statistics are computed in float32 whatever the compute dtype.
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class BatchNorm(nn.Module):
+  """Per-channel BatchNorm over (batch, height, width) of NHWC inputs."""
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (channels,))
+    bias = self.param('bias', nn.initializers.zeros, (channels,))
+    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
+    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((channels,), jnp.float32))
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x32, axes)
+      var = jnp.mean(jnp.square(x32 - mean), axes)
+      if not self.is_initializing():
+        n = x.size // channels
+        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+        running_var.value = ((1 - self.momentum) * running_var.value
+                             + self.momentum * var * n / max(n - 1, 1))
+    else:
+      mean, var = running_mean.value, running_var.value
+    y = (x32 - mean) * (scale / jnp.sqrt(var + self.epsilon)) + bias
+    return y.astype(x.dtype)
