@@ -58,17 +58,25 @@ class DenseFlow(nn.Module):
         for units, modules, mid in zip(spec.block_config, spec.layers_config, spec.mid_channels)]
     self.prior = ChannelGaussian(spec.latent_shape()[-1])
 
-  def forward(self, x, noise, train: bool = False):
-    """uint8 images -> (final latent [B, h, w, c], sum of all terms but the prior [B])."""
+  def encode(self, x, noise, train: bool = False):
+    """uint8 images -> (continuous y in [0,1), final latent [B, h, w, c],
+    dropped halves (data-side order), sum of all log-p terms but the prior [B])."""
     y, logdet = self.dequantization(x, noise['dequantization'])
     h = squeeze(y - 0.5)
+    dropped = []
     for b, block in enumerate(self.blocks):
       h, ld = block(h, noise['cross_unit'][b], train=train)
       logdet += ld
       if b < len(self.blocks) - 1:
-        h, log_p_dropped = squeeze_drop_forward(h)
-        logdet += log_p_dropped
-    return h, logdet
+        h, log_p_drop, drop = squeeze_drop_forward(h)
+        logdet += log_p_drop
+        dropped.append(drop)
+    return y, h, dropped, logdet
+
+  def forward(self, x, noise, train: bool = False):
+    """uint8 images -> (final latent, sum of all log-p terms but the prior [B])."""
+    _, z, _, logdet = self.encode(x, noise, train)
+    return z, logdet
 
   def log_prob(self, x, noise, train: bool = False):
     """One-sample lower bound on log P(x) in nats, [B]."""

@@ -8,13 +8,14 @@ Shapes: x [B, H, W, C] -> z_keep [B, H/2, W/2, 2C].
 import jax.numpy as jnp
 
 from denseflow_jax.flows.gaussian import standard_normal_logpdf
+
 from denseflow_jax.flows.squeeze import squeeze, unsqueeze
 
 
 def squeeze_drop_forward(x):
-  z = squeeze(x)
-  keep, drop = jnp.split(z, 2, axis=-1)
-  return keep, standard_normal_logpdf(drop)
+  """x -> (z_keep, log N(z_drop; 0, I) [B], z_drop)."""
+  keep, drop = jnp.split(squeeze(x), 2, axis=-1)
+  return keep, standard_normal_logpdf(drop), drop
 
 
 def squeeze_drop_inverse(keep, drop):
