@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from denseflow_jax.precision import flow_float
+
 from denseflow_jax.nets.layers import orthogonal_init
 
 
@@ -38,7 +40,7 @@ class Invertible1x1Conv(nn.Module):
   def __call__(self, x, inverse: bool = False):
     c = x.shape[-1]
     pixels = x.shape[1] * x.shape[2]
-    x = x.astype(jnp.float32)
+    x = flow_float(x)
     if self.parametrization == 'full':
       w = self.param('weight', orthogonal_init, (c, c), jnp.float32)
       if inverse:

@@ -44,7 +44,8 @@ class AffineCoupling(nn.Module):
     half = (channels + 1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     h = x1 if context is None else jnp.concatenate([x1, context.astype(x1.dtype)], axis=-1)
-    raw = self.make_net(2 * (channels - half), name='net')(h, train).astype(jnp.float32)
+    raw = self.make_net(2 * (channels - half), name='net')(h, train)
+    raw = raw.astype(jnp.promote_types(raw.dtype, x.dtype))
     if inverse:
       return jnp.concatenate([x1, affine_inverse(x2, raw)], axis=-1)
     z2, logdet = affine_forward(x2, raw)

@@ -9,6 +9,8 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from denseflow_jax.precision import flow_float
+
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -34,7 +36,7 @@ class ChannelGaussian(nn.Module):
     self.log_scale = self.param('log_scale', nn.initializers.zeros, (self.channels,))
 
   def log_prob(self, z):
-    return diagonal_normal_logpdf(z.astype(jnp.float32), self.loc, self.log_scale)
+    return diagonal_normal_logpdf(flow_float(z), self.loc, self.log_scale)
 
   def sample(self, eps):
     """Reparameterised draw loc + exp(log_scale) * eps from standard-normal `eps`."""

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from denseflow_jax.precision import flow_float
+
 from denseflow_jax.flows.actnorm import ActNorm
 from denseflow_jax.flows.channel_switch import switch_forward, switch_inverse
 from denseflow_jax.flows.conv1x1 import Invertible1x1Conv
@@ -61,7 +63,7 @@ class Unit(nn.Module):
     if inverse:
       x, _ = modules(x, None)
       return x
-    (x, logdet), _ = modules((x.astype(jnp.float32), jnp.zeros(x.shape[:1], jnp.float32)), None)
+    (x, logdet), _ = modules((flow_float(x), jnp.zeros(x.shape[:1], flow_float(x).dtype)), None)
     return x, logdet
 
   def forward(self, x, train: bool = False):

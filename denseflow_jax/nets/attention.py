@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from denseflow_jax.precision import flow_float
+
 from denseflow_jax.nets.layers import conv
 
 
@@ -66,7 +68,7 @@ class NystromAttention(nn.Module):
                        f'{self.num_landmarks} landmarks; use larger images or fewer blocks.')
     qkv = conv(3 * e, 1, name='qkv', dtype=self.dtype)(x)                # [B, H, W, 3E]
     tokens = jnp.transpose(qkv, (0, 3, 1, 2)).reshape(b, n, 3 * e)      # raw NCHW reshape
-    q, k, v = jnp.split(tokens.astype(jnp.float32), 3, axis=-1)
+    q, k, v = jnp.split(flow_float(tokens), 3, axis=-1)
     out = nystrom_attention_core(q, k, v, self.num_landmarks)           # [B, n, E]
     out = jnp.transpose(out.reshape(b, e, h, w), (0, 2, 3, 1))          # raw reshape back
     return conv(c, 1, name='out', dtype=self.dtype)(out.astype(x.dtype))

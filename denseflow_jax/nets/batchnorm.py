@@ -12,6 +12,8 @@ Statistics are computed in float32 whatever the compute dtype.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from denseflow_jax.precision import flow_float
+
 
 class BatchNorm(nn.Module):
   """Per-channel BatchNorm over (batch, height, width) of NHWC inputs."""
@@ -25,7 +27,7 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (channels,))
     running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((channels,), jnp.float32))
-    x32 = x.astype(jnp.float32)
+    x32 = flow_float(x)
     if train:
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x32, axes)

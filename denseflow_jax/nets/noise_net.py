@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from denseflow_jax.precision import flow_float
+
 from denseflow_jax.nets.layers import conv
 
 
@@ -21,5 +23,5 @@ class NoiseNet(nn.Module):
   def __call__(self, h):  # [B, H, W, C_in] -> mu, log_sigma: [B, H, W, growth] each
     y = nn.relu(conv(4 * h.shape[-1], 3, name='conv3x3', dtype=self.dtype)(h))
     y = conv(2 * self.growth, 1, name='conv1x1', dtype=self.dtype, zero_init=True)(y)
-    mu, s = jnp.split(y.astype(jnp.float32), 2, axis=-1)
+    mu, s = jnp.split(flow_float(y), 2, axis=-1)
     return mu, 2.0 * jnp.tanh(s / 2.0)
