@@ -1,0 +1,75 @@
+"""The assembled model: parameter counts of the published configs (via --mode
+summary), whole-model round trip, and configuration errors."""
+import importlib
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from denseflow_jax import model as model_lib
+from denseflow_jax import modes
+from denseflow_jax.model import DenseFlow
+from denseflow_jax.spec import ConfigError, ModelSpec, spec_from_config
+
+
+def _summary_total(capsys, config_name, **model_overrides):
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  for key, value in model_overrides.items():
+    config.model[key] = value
+  modes.run('summary', config, None)
+  out = capsys.readouterr().out
+  return int(re.search(r'^total\s+([\d,]+)$', out, re.M)[1].replace(',', ''))
+
+
+def test_summary_cifar10_is_the_official_densflow_74_10_count(capsys):
+  assert _summary_total(capsys, 'cifar10') == 130_647_294
+
+
+def test_summary_64x64_inputs_give_the_same_count(capsys):
+  assert _summary_total(capsys, 'imagenet64') == 130_647_294
+
+
+def test_summary_ablation_full_model_is_the_official_densflow_45_6_count(capsys):
+  assert _summary_total(capsys, 'ablation') == 75_020_522
+
+
+TINY = ModelSpec(image_shape=(8, 8, 3), block_config=(2, 1), layers_config=(1, 1),
+                 mid_channels=(8, 8), growth_rate=2)
+
+
+def test_whole_model_round_trip_recovers_the_dequantized_input():
+  model = model_lib.make_model(TINY)
+  x = jax.random.randint(jax.random.PRNGKey(0), (2, 8, 8, 3), 0, 256).astype(np.uint8)
+  variables = jax.jit(lambda r, x: model_lib.init_variables(model, r, x))(jax.random.PRNGKey(1), x)
+  noise = model_lib.draw_noise(TINY, jax.random.PRNGKey(2), 2)
+
+  def round_trip(v, x, noise):
+    y, z, dropped, _ = model.apply(v, x, noise, method=DenseFlow.encode)
+    return y, model.apply(v, z, dropped, method=DenseFlow.inverse)
+
+  y, y_back = jax.jit(round_trip)(variables, x, noise)
+  assert float(np.min(y)) >= 0.0 and float(np.max(y)) < 1.0
+  np.testing.assert_allclose(y_back, y, atol=1e-4)
+  # Dequantization is undone exactly by flooring.
+  np.testing.assert_array_equal(model_lib.dequantization_inverse(y_back, 8), x)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'image_shape': (12, 12, 3)}, 'multiples of 8'),
+    ({'image_shape': (8, 8, 3), 'block_config': (2, 2, 1), 'layers_config': (1, 1, 1),
+      'mid_channels': (8, 8, 8)}, 'divisible by 4'),
+    ({'growth_rate': 0}, 'growth_rate must be positive'),
+    ({'growth_rate': -3}, 'growth_rate must be positive'),
+    ({'block_config': (0, 4, 1)}, 'block_config entries must be positive'),
+    ({'layers_config': (5, -1, 20)}, 'layers_config entries must be positive'),
+    ({'block_config': (6, 4)}, 'one entry per block'),
+    ({'coupling_net': 'resnet'}, "coupling_net must be one of"),
+    ({'num_bits': 9}, 'num_bits must be in 1..8'),
+    ({'grwoth_rate': 10}, "unknown model config keys \\['grwoth_rate'\\]"),
+])
+def test_bad_model_config_is_refused_before_anything_runs(overrides, message):
+  config = dict(ModelSpec().__dict__)
+  config.update(overrides)
+  with pytest.raises(ConfigError, match=message):
+    spec_from_config(config)
