@@ -106,6 +106,12 @@ def _to_flax_layout(value: np.ndarray, name: str) -> np.ndarray:
   return value
 
 
+def _official_shape(shape, name):
+  if name == 'kernel':
+    return (shape[3], shape[2], shape[0], shape[1])   # back to [O, I, kh, kw]
+  return shape
+
+
 def _target_shapes(spec: ModelSpec):
   from denseflow_jax import model as model_lib     # local: model imports nothing from here
   m = model_lib.make_model(spec)
@@ -143,7 +149,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], spec: ModelSpec) ->
       continue
     if value.shape != tuple(want):
       problems.append(f'shape mismatch for {key!r}: official {tuple(np.shape(state_dict[key]))}, '
-                      f'config expects {tuple(want)} (as {"/".join(path)})')
+                      f'config expects {_official_shape(tuple(want), path[-1])}')
       continue
     if stack is None:
       out[full] = value
@@ -169,3 +175,73 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], spec: ModelSpec) ->
       node = node.setdefault(part, {})
     node[path[-1]] = value
   return variables
+
+
+# ---------------------------------------------------------------- command line
+
+def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
+  """An official state dict from a `.npz` (one array per key) or a `checkpoint.pt`."""
+  import os
+  if not os.path.isfile(path):
+    raise ConvertError(f'--checkpoint {path} does not exist')
+  if path.endswith('.npz'):
+    with np.load(path) as data:
+      return {k: data[k] for k in data.files}
+  try:
+    import torch
+  except ImportError:
+    raise ConvertError('reading an official checkpoint.pt needs PyTorch: '
+                       'pip install "denseflow-jax[torch]" (or convert it to .npz elsewhere '
+                       'with {k: v.numpy() for k, v in state_dict.items()})') from None
+  try:
+    checkpoint = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
+  except Exception as e:  # torch raises several types for pickled extras
+    raise ConvertError(f'could not read {path} with torch.load(weights_only=True): {e}. If you '
+                       'trust the file (e.g. the official release), pass --allow_pickle') from e
+  state_dict = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
+  return {k: v.detach().cpu().numpy() for k, v in state_dict.items() if hasattr(v, 'numpy')}
+
+
+def convert_checkpoint(checkpoint_path: str, config, out: str, overwrite: bool = False,
+                       allow_pickle: bool = False) -> Dict:
+  """Official checkpoint -> our model checkpoint in `out`; returns the variables.
+  Refuses to touch a non-empty `out` unless `overwrite`."""
+  import os
+  from denseflow_jax import checkpoint, modes
+  from denseflow_jax.spec import spec_from_config
+  if os.path.exists(out) and os.listdir(out) and not overwrite:
+    raise ConvertError(f'--out {out} already exists and is not empty; choose a new directory '
+                       '(or pass --overwrite to replace it)')
+  config = modes.finalize_config(config)
+  spec = spec_from_config(config.model)
+  variables = convert_state_dict(read_state_dict(checkpoint_path, allow_pickle), spec)
+  checkpoint.save_variables(out, variables, config, metadata={'converted_from': checkpoint_path})
+  return variables
+
+
+def main(argv):
+  from absl import flags, logging
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  try:
+    variables = convert_checkpoint(f.checkpoint, f.config, f.out, f.overwrite, f.allow_pickle)
+  except ConvertError as e:
+    raise SystemExit(f'error: {e}') from None
+  count = sum(v.size for v in jax.tree.leaves(variables['params']))
+  print(f'wrote {f.out}: {count:,} parameters from {f.checkpoint}; use it with '
+        f'--config.checkpoint={f.out}')
+
+
+if __name__ == '__main__':
+  import os
+  sys.path.insert(0, os.getcwd())   # configs import each other as `configs.<name>`
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'Config of the model (configs/*.py).')
+  flags.DEFINE_string('checkpoint', None, 'Official checkpoint.pt or .npz state dict.')
+  flags.DEFINE_string('out', None, 'Directory to write the converted checkpoint to.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out directory.')
+  flags.DEFINE_bool('allow_pickle', False, 'Let torch.load unpickle non-tensor objects.')
+  flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
+  app.run(main)
