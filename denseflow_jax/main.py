@@ -25,8 +25,16 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'summary'
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from absl import logging
   from denseflow_jax import modes
-  modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  from denseflow_jax.checkpoint import CheckpointError
+  from denseflow_jax.data import DataError
+  from denseflow_jax.spec import ConfigError
+  logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
+  try:
+    modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DataError, CheckpointError) as e:   # bad input: the message says the fix
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

@@ -1,6 +1,10 @@
 """What each `--mode` of `denseflow_jax.main` does."""
+import json
+import os
+import time
+
 from denseflow_jax import ablation
-from denseflow_jax.spec import spec_from_config
+from denseflow_jax.spec import ConfigError, spec_from_config
 
 
 def finalize_config(config):
@@ -11,16 +15,79 @@ def finalize_config(config):
   return config
 
 
-def summary(config):
+def summary(config, workdir=None):
   from denseflow_jax.summary import format_table, parameter_table
+  del workdir
   spec = spec_from_config(config.model)
   print(format_table(parameter_table(spec), spec))
 
 
+def _model_and_variables(config, workdir):
+  """The model and the variables to evaluate: `config.checkpoint` (e.g. a converted
+  official model) when set, else the latest checkpoint of the workdir."""
+  from denseflow_jax import checkpoint, model as model_lib
+  model = model_lib.make_model(config.model)
+  source = config.checkpoint or workdir
+  variables = checkpoint.load_variables(source, config, use_ema=config.eval.use_ema)
+  return model, variables, source
+
+
+def evaluate(config, workdir):
+  """Bits/dim on the test split: one-sample bound and IWBO with config.eval.k samples."""
+  import jax
+  from denseflow_jax import data, evaluate as evaluate_lib
+  model, variables, source = _model_and_variables(config, workdir)
+  key = jax.random.PRNGKey(config.seed)
+  result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=config.eval.k)
+  images, mask = next(iter(data.iterate_eval(config, 'test', num_examples=config.eval.batch_size)))
+  result['reconstruction_error'] = evaluate_lib.reconstruction_error(
+      model, variables, images[mask], jax.random.fold_in(key, 10**6))
+  result['checkpoint'] = os.fspath(source)
+  path = evaluate_lib.write_eval_json(workdir, result, name=f'test_k{result["k"]}')
+  print(json.dumps(result, indent=1))
+  print(f'wrote {path}')
+  return result
+
+
+def sample(config, workdir):
+  """config.sample.num images at config.sample.temperature -> PNG grid and .npz."""
+  import jax
+  from denseflow_jax import evaluate as evaluate_lib
+  num, temperature = int(config.sample.num), float(config.sample.temperature)
+  if num < 1:
+    raise ConfigError(f'sample.num must be at least 1, got {num}')
+  if not temperature > 0:
+    raise ConfigError(f'sample.temperature must be positive, got {temperature} '
+                      '(1.0 is the model; 0.7 is a common choice for nicer samples)')
+  model, variables, _ = _model_and_variables(config, workdir)
+  key = jax.random.PRNGKey(config.seed)
+  start = time.perf_counter()
+  images = evaluate_lib.sample_images(model, variables, key, num, temperature,
+                                      config.sample.batch_size)
+  seconds = time.perf_counter() - start
+  out_dir = os.path.join(workdir, 'samples')
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, f'samples_T{temperature:g}_n{num}')
+  evaluate_lib.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits)
+  evaluate_lib.save_samples_npz(stem + '.npz', images, temperature, seconds)
+  print(f'{num} samples at temperature {temperature:g} in {seconds:.2f} s '
+        f'(including compilation) -> {stem}.png, {stem}.npz')
+  return images
+
+
+def train(config, workdir):
+  from denseflow_jax import train as train_lib
+  return train_lib.train_and_evaluate(config, workdir)
+
+
+MODES = {'train': train, 'eval': evaluate, 'sample': sample, 'summary': summary}
+
+
 def run(mode: str, config, workdir):
   config = finalize_config(config)
-  if mode == 'summary':
-    return summary(config)
-  if not workdir:
-    raise SystemExit(f'--workdir is required for --mode={mode}')
-  raise SystemExit(f'--mode={mode} is not available yet')
+  if mode not in MODES:
+    raise ConfigError(f'unknown mode {mode!r}; choose one of {sorted(MODES)}')
+  if mode != 'summary' and not workdir:
+    raise ConfigError(f'--workdir is required for --mode={mode}')
+  spec_from_config(config.model)   # every model error before anything is loaded or compiled
+  return MODES[mode](config, workdir)
