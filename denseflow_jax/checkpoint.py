@@ -1,0 +1,307 @@
+"""Checkpoints with orbax: training checkpoints of a workdir, standalone model variables.
+
+Training checkpoints (:class:`TrainCheckpointer`) live in ``WORKDIR/checkpoints/<step>/``,
+one orbax ``CheckpointManager`` step each, with four items:
+
+    state    the train state pytree (step, params, batch_stats, opt_state, ema_params,
+             counters)                                     orbax StandardSave
+    data     the training iterator's state                 JSON (data.TrainIterator.get_state())
+    config   the full config                               JSON (config.to_json_best_effort())
+    meta     phase, fine-tune start, best metric, format   JSON
+
+orbax writes each step into a temporary directory and renames it when complete, so an
+interrupted save never looks like a checkpoint; on top of that, :meth:`latest_step` only
+returns steps whose directory holds orbax's metadata file and every item, so a
+half-copied or hand-made directory is skipped (with a warning), never restored.
+
+Standalone variables (:func:`save_variables` / :func:`load_variables`), what
+``python -m denseflow_jax.convert`` writes and what the eval and sample modes read:
+
+    DIR/variables/      {'params': ..., 'batch_stats': ...}  orbax StandardSave
+    DIR/config.json     the full config the variables belong to
+    DIR/metadata.json   optional free-form metadata (e.g. step, metric)
+
+:func:`load_variables` also accepts a training workdir (or its ``checkpoints/``
+folder) and then returns the latest checkpoint's variables (EMA parameters with
+``use_ema=True`` where the run kept them).
+
+A stored config whose ``model`` section differs from the current one is refused with
+:class:`CheckpointError` naming every differing field; the performance knobs that do
+not change the parameters (``model.compute_dtype``, ``model.remat``) may differ.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINTS_DIR = 'checkpoints'
+VARIABLES_DIR = 'variables'
+CONFIG_FILE = 'config.json'
+METADATA_FILE = 'metadata.json'
+ORBAX_METADATA_FILE = '_CHECKPOINT_METADATA'
+TRAIN_ITEMS = ('state', 'data', 'config', 'meta')
+FORMAT = 'denseflow_jax.checkpoint/1'
+
+# model.* fields that change speed or memory, not the parameters: they may differ on resume.
+MODEL_FIELDS_FREE_TO_CHANGE = ('compute_dtype', 'remat')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used with this config; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------
+# Configs.
+# ---------------------------------------------------------------------------
+
+
+def config_to_dict(config) -> dict:
+  """A ConfigDict (or mapping) as plain JSON data (tuples become lists)."""
+  if hasattr(config, 'to_json_best_effort'):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config, default=str))
+
+
+def model_config_diff(stored: Mapping, current: Mapping) -> dict:
+  """{field: (stored, current)} of the ``model`` sections that differ (JSON-normalised)."""
+  stored = config_to_dict(dict(stored)).get('model', {})
+  current = config_to_dict(current).get('model', {})
+  return {k: (stored.get(k, '<missing>'), current.get(k, '<missing>'))
+          for k in sorted(set(stored) | set(current))
+          if k not in MODEL_FIELDS_FREE_TO_CHANGE and stored.get(k) != current.get(k)}
+
+
+def check_model_config(stored: Mapping, config, where: str, fix: str) -> None:
+  """Raises CheckpointError if the model sections of ``stored`` and ``config`` differ.
+
+  Args:
+    stored: the config saved with the checkpoint (JSON data).
+    config: the current config (ConfigDict or JSON data).
+    where: the checkpoint, for the message.
+    fix: what the user should do, appended to the message.
+  """
+  diff = model_config_diff(stored, config)
+  if diff:
+    fields = '; '.join(f'model.{k}: checkpoint {a!r}, config {b!r}' for k, (a, b) in diff.items())
+    raise CheckpointError(f'{where} holds a different model than the config ({fields}). {fix}')
+
+
+def _write_json_atomic(path: pathlib.Path, data) -> None:
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Training checkpoints.
+# ---------------------------------------------------------------------------
+
+
+def is_complete_step_dir(path: pathlib.Path) -> bool:
+  """True for a finalised orbax step directory holding every training item."""
+  if not path.is_dir() or '.orbax-checkpoint-tmp' in path.name:
+    return False
+  if not (path / ORBAX_METADATA_FILE).is_file():
+    return False
+  return all((path / item).is_dir() for item in TRAIN_ITEMS)
+
+
+class TrainCheckpointer:
+  """Save / restore training checkpoints in ``workdir/checkpoints`` (last ``keep`` kept).
+
+  Every process must call save/restore (orbax coordinates the hosts).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
+    self.directory = pathlib.Path(workdir).resolve() / CHECKPOINTS_DIR
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, int(keep)) if keep else None, create=True,
+        enable_async_checkpointing=async_save)
+    self._manager = None
+
+  def _get_manager(self, create: bool = False):
+    """The orbax manager; created (with the directory) only when needed, so that reading
+    an empty workdir leaves no trace."""
+    if self._manager is None:
+      if not create and not self.directory.is_dir():
+        return None
+      self._manager = ocp.CheckpointManager(self.directory, options=self._options,
+                                            item_names=TRAIN_ITEMS)
+    return self._manager
+
+  def all_steps(self) -> list[int]:
+    """Complete checkpoints, ascending."""
+    manager = self._get_manager()
+    if manager is None:
+      return []
+    manager.reload()
+    steps = []
+    for step in manager.all_steps():
+      if is_complete_step_dir(self.directory / str(step)):
+        steps.append(int(step))
+      else:
+        logging.warning('ignoring incomplete checkpoint directory %s',
+                        self.directory / str(step))
+    return sorted(steps)
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, data_state: Mapping, config, meta: Mapping) -> None:
+    """Starts writing checkpoint ``step`` (asynchronously where enabled; see :meth:`wait`).
+
+    The arrays are copied off the device before this returns, so the caller may donate
+    the state's buffers right after.
+    """
+    meta = dict(meta, format=FORMAT, step=int(step))
+    self._get_manager(create=True).save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(dict(data_state)),
+        config=ocp.args.JsonSave(config_to_dict(config)),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def _restore(self, step: int, **items):
+    manager = self._get_manager()
+    if manager is None:
+      raise CheckpointError(f'no checkpoints in {self.directory}')
+    return manager.restore(int(step), args=ocp.args.Composite(**items))
+
+  def stored_config(self, step: int) -> dict:
+    return self._restore(step, config=ocp.args.JsonRestore())['config']
+
+  def restore(self, step: int, abstract_state):
+    """(state, data_state, meta) of checkpoint ``step``.
+
+    Args:
+      step: a step from :meth:`all_steps`.
+      abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings) of the same
+        structure as the saved state; the restored arrays take their shardings.
+    """
+    try:
+      restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+                               data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f'cannot restore checkpoint {self.directory / str(step)} into the current train '
+          f'state ({type(e).__name__}: {e}); it was probably written with other training '
+          'settings (e.g. train.optimizer, train.ema_decay on/off): resume with those, or '
+          'use a new --workdir') from e
+    return restored['state'], restored['data'], restored['meta']
+
+  def restore_raw_state(self, step: int) -> dict:
+    """The saved state as a nested dict of arrays, without a target structure."""
+    return self._restore(step, state=ocp.args.StandardRestore())['state']
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    if self._manager is not None:
+      self._manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Standalone variables.
+# ---------------------------------------------------------------------------
+
+
+def _plain(tree):
+  """Nested dicts (FrozenDicts, orbax restores) -> plain dicts, arrays unchanged."""
+  if isinstance(tree, Mapping):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+def save_variables(directory: str | os.PathLike, variables: Mapping, config,
+                   metadata: Optional[Mapping] = None) -> None:
+  """Writes ``{'params', 'batch_stats'}`` and the config as a standalone model checkpoint.
+
+  An existing checkpoint in ``directory`` is replaced. Call on every process.
+  """
+  directory = pathlib.Path(directory).resolve()
+  variables = _plain(variables)
+  unknown = set(variables) - {'params', 'batch_stats'}
+  if 'params' not in variables or unknown:
+    raise CheckpointError(f"variables must be {{'params', 'batch_stats'}}, got keys "
+                          f'{sorted(variables)}')
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / VARIABLES_DIR, variables, force=True)
+    checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    _write_json_atomic(directory / CONFIG_FILE, config_to_dict(config))
+    _write_json_atomic(directory / METADATA_FILE, dict(metadata or {}, format=FORMAT))
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+  """The config stored with standalone variables or with a training workdir's latest
+  checkpoint (JSON data)."""
+  directory = pathlib.Path(directory).resolve()
+  if (directory / CONFIG_FILE).is_file():
+    return json.loads((directory / CONFIG_FILE).read_text())
+  checkpointer = _workdir_checkpointer(directory)
+  step = checkpointer.latest_step()
+  return checkpointer.stored_config(step)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+  path = pathlib.Path(directory).resolve() / METADATA_FILE
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _workdir_checkpointer(directory: pathlib.Path) -> TrainCheckpointer:
+  workdir = directory.parent if directory.name == CHECKPOINTS_DIR else directory
+  if not (workdir / CHECKPOINTS_DIR).is_dir():
+    raise CheckpointError(
+        f'{directory} is neither a model checkpoint (no {VARIABLES_DIR}/ and {CONFIG_FILE}: '
+        'write one with save_variables or python -m denseflow_jax.convert) nor a training '
+        f'workdir (no {CHECKPOINTS_DIR}/)')
+  checkpointer = TrainCheckpointer(workdir, keep=0, async_save=False)
+  if checkpointer.latest_step() is None:
+    raise CheckpointError(f'training workdir {workdir} holds no complete checkpoint')
+  return checkpointer
+
+
+def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = False) -> dict:
+  """``{'params', 'batch_stats'}`` (nested dicts of arrays) from a checkpoint.
+
+  Args:
+    directory: written by :func:`save_variables`, or a training workdir (its latest
+      checkpoint is read).
+    config: if given, its ``model`` section must match the stored one (CheckpointError
+      naming the differing fields otherwise).
+    use_ema: for a training workdir, return the EMA parameters where the run kept them.
+  """
+  directory = pathlib.Path(directory).resolve()
+  if not directory.exists():
+    raise CheckpointError(f'checkpoint {directory} does not exist; set --config.checkpoint '
+                          'to a directory written by python -m denseflow_jax.convert or a '
+                          'training workdir')
+  if config is not None:
+    check_model_config(read_config(directory), config, f'checkpoint {directory}',
+                       'Use a checkpoint of this model, or set the model fields to the '
+                       "checkpoint's values.")
+  if (directory / VARIABLES_DIR).is_dir():
+    with ocp.StandardCheckpointer() as checkpointer:
+      variables = checkpointer.restore(directory / VARIABLES_DIR)
+  else:
+    checkpointer = _workdir_checkpointer(directory)
+    state = checkpointer.restore_raw_state(checkpointer.latest_step())
+    params = state['params']
+    if use_ema and state.get('ema_params') is not None:
+      params = state['ema_params']
+    variables = {'params': params, 'batch_stats': state.get('batch_stats') or {}}
+  variables = _plain(variables)
+  variables.setdefault('batch_stats', {})
+  return jax.tree.map(np.asarray, variables)

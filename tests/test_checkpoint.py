@@ -1,0 +1,170 @@
+"""Tests of denseflow_jax.checkpoint (no model compilation: arrays made by hand)."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import train
+from denseflow_jax.spec import ConfigError
+
+
+def tiny_config():
+  c = default.get_config()
+  c.model.image_shape = (8, 8, 1)
+  c.model.num_bits = 5
+  c.model.block_config = (2,)
+  c.model.layers_config = (1,)
+  c.model.mid_channels = (8,)
+  c.model.growth_rate = 2
+  c.data.dataset = 'digits'
+  c.train.batch_size = 16
+  return c
+
+
+def random_variables(seed=0, batch_stats=True):
+  rng = np.random.default_rng(seed)
+  variables = {'params': {'prior': {'loc': rng.normal(size=6).astype(np.float32),
+                                    'log_scale': rng.normal(size=6).astype(np.float32)},
+                          'blocks_0': {'unit_0': {'kernel': rng.normal(size=(1, 3, 3, 2, 8))
+                                                  .astype(np.float32)}}}}
+  variables['batch_stats'] = ({'blocks_0': {'mean': rng.normal(size=8).astype(np.float32)}}
+                              if batch_stats else {})
+  return variables
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.asarray(x).dtype == np.asarray(y).dtype
+    np.testing.assert_array_equal(x, y)
+
+
+def fake_state(variables, ema=True, step=3):
+  """A TrainState with a real optax Adamax state (namedtuples) and counters."""
+  tx = train.make_optimizer(train.StepSettings(steps_per_epoch=5, grad_clip=1.0))
+  state = train.create_train_state(variables, tx, ema=ema, step=step)
+  return state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state),
+                       skipped_total=jnp.asarray(2, jnp.int32))
+
+
+@pytest.mark.parametrize('batch_stats', [True, False])
+def test_variables_round_trip(tmp_path, batch_stats):
+  variables = random_variables(batch_stats=batch_stats)
+  config = tiny_config()
+  ckpt_lib.save_variables(tmp_path / 'model', variables, config, {'step': 7})
+  loaded = ckpt_lib.load_variables(tmp_path / 'model', config)
+  assert_trees_equal(loaded, variables)
+  assert ckpt_lib.read_metadata(tmp_path / 'model')['step'] == 7
+  assert ckpt_lib.read_config(tmp_path / 'model')['model']['block_config'] == [2]
+  # Saving again replaces the checkpoint.
+  other = random_variables(seed=1, batch_stats=batch_stats)
+  ckpt_lib.save_variables(tmp_path / 'model', other, config)
+  assert_trees_equal(ckpt_lib.load_variables(tmp_path / 'model'), other)
+
+
+def test_load_variables_refuses_other_model(tmp_path):
+  config = tiny_config()
+  ckpt_lib.save_variables(tmp_path / 'model', random_variables(), config)
+  config.model.growth_rate = 4
+  config.model.mid_channels = (16,)
+  config.model.remat = True        # a performance knob: allowed to differ
+  with pytest.raises(ckpt_lib.CheckpointError) as info:
+    ckpt_lib.load_variables(tmp_path / 'model', config)
+  message = str(info.value)
+  assert 'model.growth_rate: checkpoint 2, config 4' in message
+  assert 'model.mid_channels: checkpoint [8], config [16]' in message
+  assert 'remat' not in message
+
+
+def test_load_variables_errors(tmp_path):
+  with pytest.raises(ckpt_lib.CheckpointError, match='does not exist'):
+    ckpt_lib.load_variables(tmp_path / 'nothing')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ckpt_lib.CheckpointError, match='neither a model checkpoint'):
+    ckpt_lib.load_variables(tmp_path / 'empty')
+  with pytest.raises(ckpt_lib.CheckpointError, match='batch_stats'):
+    ckpt_lib.save_variables(tmp_path / 'x', {'params': {}, 'cache': {}}, tiny_config())
+
+
+def test_train_checkpoint_round_trip_and_retention(tmp_path):
+  config = tiny_config()
+  variables = jax.tree.map(jnp.asarray, random_variables())
+  checkpointer = ckpt_lib.TrainCheckpointer(tmp_path, keep=2)
+  assert checkpointer.latest_step() is None
+  states = {}
+  for step in (2, 4, 6):
+    states[step] = fake_state(jax.tree.map(lambda x: x * step, variables), step=step)
+    checkpointer.save(step, states[step], {'step': step, 'format': 'x'}, config,
+                      {'phase': 'pretrain'})
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [4, 6]
+  abstract = jax.eval_shape(lambda: fake_state(variables))
+  state, data_state, meta = checkpointer.restore(6, abstract)
+  assert isinstance(state, train.TrainState)
+  assert_trees_equal(jax.device_get(state), jax.device_get(states[6]))
+  assert data_state == {'step': 6, 'format': 'x'}
+  assert meta['phase'] == 'pretrain' and meta['step'] == 6
+  assert checkpointer.stored_config(6) == ckpt_lib.config_to_dict(config)
+
+  # EMA on / off changes the state's structure: a clear error, not a crash.
+  with pytest.raises(ckpt_lib.CheckpointError, match='train.ema_decay'):
+    checkpointer.restore(6, jax.eval_shape(lambda: fake_state(variables, ema=False)))
+
+  # The latest checkpoint's variables, plain or EMA, read as standalone variables.
+  loaded = ckpt_lib.load_variables(tmp_path, config)
+  assert_trees_equal(loaded['params'], jax.device_get(states[6].params))
+  assert_trees_equal(loaded['batch_stats'], jax.device_get(states[6].batch_stats))
+  ema = ckpt_lib.load_variables(tmp_path / ckpt_lib.CHECKPOINTS_DIR, use_ema=True)
+  assert_trees_equal(ema['params'], jax.device_get(states[6].ema_params))
+
+
+def test_incomplete_checkpoints_are_never_restored(tmp_path):
+  config = tiny_config()
+  checkpointer = ckpt_lib.TrainCheckpointer(tmp_path, keep=3)
+  checkpointer.save(4, fake_state(random_variables()), {}, config, {})
+  checkpointer.wait()
+  directory = tmp_path / ckpt_lib.CHECKPOINTS_DIR
+  # An interrupted orbax save (temporary name) and a half-copied step directory.
+  (directory / '9.orbax-checkpoint-tmp-1234' / 'state').mkdir(parents=True)
+  shutil.copytree(directory / '4', directory / '8')
+  shutil.rmtree(directory / '8' / 'data')
+  (directory / '7' / 'state').mkdir(parents=True)
+  assert ckpt_lib.TrainCheckpointer(tmp_path).latest_step() == 4
+  assert ckpt_lib.TrainCheckpointer(tmp_path).all_steps() == [4]
+
+
+def test_workdir_with_other_model_is_refused(tmp_path):
+  """train_and_evaluate checks the stored model config before any data or compilation."""
+  config = tiny_config()
+  config.train.num_steps = 1
+  checkpointer = ckpt_lib.TrainCheckpointer(tmp_path, keep=3)
+  checkpointer.save(1, fake_state(random_variables()), {}, config, {'phase': 'pretrain'})
+  checkpointer.wait()
+  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  config.model.block_config = (3,)
+  config.model.layers_config = (2,)
+  with pytest.raises(ckpt_lib.CheckpointError) as info:
+    train.train_and_evaluate(config, tmp_path)
+  message = str(info.value)
+  assert 'model.block_config: checkpoint [2], config [3]' in message
+  assert 'model.layers_config: checkpoint [1], config [2]' in message
+  assert 'new --workdir' in message
+  assert sorted(str(p) for p in tmp_path.rglob('*')) == before
+
+
+def test_model_config_diff_ignores_tuple_vs_list():
+  config = tiny_config()
+  stored = json.loads(config.to_json_best_effort())
+  assert ckpt_lib.model_config_diff(stored, config) == {}
+  config.model.compute_dtype = 'bfloat16'
+  assert ckpt_lib.model_config_diff(stored, config) == {}
+  config.model.noise = 'white'
+  assert ckpt_lib.model_config_diff(stored, config) == {
+      'noise': ('preconditioned', 'white')}
