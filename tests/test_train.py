@@ -1,0 +1,308 @@
+"""Tests of denseflow_jax.train (8 simulated CPU devices, tiny Glow-coupling model).
+
+Every test shares one tiny model, one data set (48 digits, 3 steps per epoch) and one set
+of training settings, so the train step compiles once for the 8-device mesh (cached in
+train.make_train_step) and once for the 1-device comparison.
+"""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from configs import default
+from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import data as data_lib
+from denseflow_jax import train
+from denseflow_jax.spec import ConfigError, spec_from_config
+
+BATCH = 16
+NUM_TRAIN = 48          # 3 steps per epoch
+
+
+@pytest.fixture(scope='module')
+def digits_npz(tmp_path_factory):
+  images = load_digits().images.astype(np.uint8)[:, :, :, None]
+  path = tmp_path_factory.mktemp('data') / 'digits48.npz'
+  np.savez(path, train=images[:NUM_TRAIN], test=images[NUM_TRAIN:NUM_TRAIN + 16])
+  return str(path)
+
+
+def make_config(npz_path):
+  c = default.get_config()
+  m = c.model
+  m.image_shape = (8, 8, 1)
+  m.num_bits = 5
+  m.block_config = (2,)
+  m.layers_config = (1,)
+  m.mid_channels = (8,)
+  m.growth_rate = 2
+  m.coupling_net = 'glow'
+  m.glow_channels = 8
+  m.dequantization = 'uniform'
+  c.data.dataset = 'npz'
+  c.data.source = npz_path
+  c.data.augmentation = 'none'
+  t = c.train
+  t.batch_size = BATCH
+  t.lr = 1e-3
+  t.warmup_steps = 2
+  t.gamma = 0.5
+  t.grad_clip = 1.0
+  t.ema_decay = 0.9
+  t.log_every = 1
+  t.checkpoint_every_steps = 100
+  t.num_steps = 4
+  t.eval_every_epochs = 1
+  t.sample_every_epochs = 1
+  return c
+
+
+@pytest.fixture
+def config(digits_npz):
+  return make_config(digits_npz)
+
+
+@pytest.fixture(scope='module')
+def compiled(digits_npz):
+  """Initial variables, both meshes and their (cached) train steps."""
+  c = make_config(digits_npz)
+  spec = spec_from_config(c.model)
+  spe = data_lib.steps_per_epoch(c)
+  mesh8 = train.make_mesh()
+  mesh1 = train.make_mesh(jax.devices()[:1])
+  assert mesh8.size == 8
+  iterator = data_lib.make_train_iterator(c)
+  batches = [next(iterator) for _ in range(2)]
+  init, to_state = train.make_state_init(spec, c, mesh8, spe)
+  variables = jax.device_get(init(jax.random.PRNGKey(0), train.global_batch(batches[0], mesh8)))
+  return {'config': c, 'spec': spec, 'spe': spe, 'mesh8': mesh8, 'mesh1': mesh1,
+          'batches': batches, 'variables': variables, 'to_state': to_state,
+          'step8': train.make_train_step(spec, c, mesh8, spe),
+          'step1': train.make_train_step(spec, c, mesh1, spe)}
+
+
+def state_on(compiled, mesh, variables=None, **replace):
+  variables = compiled['variables'] if variables is None else variables
+  rep = train.replicated(mesh)
+  to_state = compiled['to_state'] if mesh is compiled['mesh8'] else jax.jit(
+      lambda v: train.create_train_state(v, train.make_optimizer(
+          train.StepSettings.from_config(compiled['config'], compiled['spe'])), ema=True),
+      out_shardings=rep)
+  state = to_state(jax.device_put(variables, rep))
+  return state.replace(**{k: jax.device_put(jnp.asarray(v, jnp.int32), rep)
+                          for k, v in replace.items()})
+
+
+def leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+      np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(la, lb))
+
+
+# ---------------------------------------------------------------------------
+# Schedule and settings (no compilation).
+# ---------------------------------------------------------------------------
+
+
+def test_lr_schedule_matches_closed_form():
+  settings = train.StepSettings(steps_per_epoch=10, lr=1e-3, warmup_steps=5, gamma=0.9)
+  schedule = train.make_lr_schedule(settings)
+  for step in (0, 1, 3, 5, 9, 10, 19, 20, 37, 1000):
+    want = 1e-3 * min(1.0, step / 5) * 0.9 ** (step // 10)
+    assert math.isclose(float(schedule(step)), want, rel_tol=1e-6, abs_tol=1e-12), step
+  no_warmup = train.make_lr_schedule(train.StepSettings(steps_per_epoch=4, lr=2e-3, gamma=0.5))
+  assert [float(no_warmup(s)) for s in (0, 3, 4, 8)] == pytest.approx([2e-3, 2e-3, 1e-3, 5e-4])
+  finetune = train.make_lr_schedule(train.StepSettings(steps_per_epoch=10, phase='finetune',
+                                                       finetune_lr=2e-5, warmup_steps=5))
+  assert [float(finetune(s)) for s in (0, 7, 5000)] == pytest.approx([2e-5] * 3)
+
+
+def test_settings_from_default_config():
+  settings = train.StepSettings.from_config(default.get_config(), 781)
+  assert settings == train.StepSettings(
+      steps_per_epoch=781, phase='pretrain', optimizer='adamax', lr=1e-3, warmup_steps=5000,
+      gamma=0.9975, finetune_lr=2e-5, grad_clip=0.0, ema_decay=0.0)
+  hash(settings)
+
+
+def test_batch_not_divisible_over_devices(config, tmp_path):
+  config.train.batch_size = 12
+  with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
+    train.make_train_step(spec_from_config(config.model), config, train.make_mesh(), 3)
+  with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('phase', 'warmup', 'train.phase'),
+    ('optimizer', 'sgd', 'train.optimizer'),
+    ('gamma', 0.0, 'train.gamma'),
+    ('ema_decay', 1.0, 'train.ema_decay'),
+    ('max_nonfinite_in_row', 0, 'train.max_nonfinite_in_row'),
+])
+def test_bad_train_config_fails_before_anything_runs(config, tmp_path, field, value, match):
+  config.train[field] = value
+  with pytest.raises(ConfigError, match=match.replace('.', r'\.')):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_finetune_needs_a_trained_model(config, tmp_path):
+  config.train.phase = 'finetune'
+  with pytest.raises(ConfigError, match='needs a trained model'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
+# ---------------------------------------------------------------------------
+# The train step.
+# ---------------------------------------------------------------------------
+
+
+def test_sharded_step_matches_single_device(compiled):
+  key = jax.random.PRNGKey(7)
+  results = {}
+  for name in ('mesh8', 'mesh1'):
+    mesh = compiled[name]
+    step = compiled['step8' if name == 'mesh8' else 'step1']
+    state = state_on(compiled, mesh)
+    losses = []
+    for batch in compiled['batches']:
+      state, metrics = step(state, train.global_batch(batch, mesh), key)
+      losses.append(float(metrics['train_bpd']))
+    results[name] = (jax.device_get(state), losses)
+  (s8, l8), (s1, l1) = results['mesh8'], results['mesh1']
+  assert l8 == pytest.approx(l1, rel=1e-6)
+  assert int(s8.step) == 2 and int(s8.skipped_total) == 0
+  for tree8, tree1 in ((s8.params, s1.params), (s8.ema_params, s1.ema_params),
+                       (s8.opt_state, s1.opt_state)):
+    for a, b in zip(jax.tree.leaves(tree8), jax.tree.leaves(tree1)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert not leaves_equal(s8.params, compiled['variables']['params'])   # it did train
+  assert compiled['step8']._cache_size() == 1                           # compiled once
+
+
+def test_nonfinite_step_is_skipped_and_counted(compiled):
+  mesh, step = compiled['mesh8'], compiled['step8']
+  variables = jax.tree.map(np.array, compiled['variables'])
+  variables['params']['prior']['loc'][0] = np.nan
+  state = state_on(compiled, mesh, variables, nonfinite_count=2, skipped_total=5)
+  before = jax.device_get(state)
+  state, metrics = step(state, train.global_batch(compiled['batches'][0], mesh),
+                        jax.random.PRNGKey(0))
+  after = jax.device_get(state)
+  assert not np.isfinite(metrics['train_bpd'])
+  assert int(metrics['skipped']) == 1
+  assert (int(after.step), int(after.nonfinite_count), int(after.skipped_total)) == (1, 3, 6)
+  for field in ('params', 'batch_stats', 'opt_state', 'ema_params'):
+    assert leaves_equal(getattr(after, field), getattr(before, field)), field
+
+  # A finite step afterwards resets the run of skipped steps, not the total.
+  state = state_on(compiled, mesh, nonfinite_count=3, skipped_total=6)
+  state, metrics = step(state, train.global_batch(compiled['batches'][0], mesh),
+                        jax.random.PRNGKey(0))
+  assert int(metrics['skipped']) == 0
+  assert (int(state.nonfinite_count), int(state.skipped_total)) == (0, 6)
+
+
+# ---------------------------------------------------------------------------
+# train_and_evaluate.
+# ---------------------------------------------------------------------------
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (workdir / train.METRICS_FILE).read_text().splitlines()]
+
+
+def final_state(workdir):
+  checkpointer = ckpt_lib.TrainCheckpointer(workdir)
+  return checkpointer.restore_raw_state(checkpointer.latest_step())
+
+
+def test_resume_is_exact(config, tmp_path, compiled):
+  del compiled   # only shares the compiled step
+  config.train.num_steps = 4
+  straight = train.train_and_evaluate(config, tmp_path / 'straight')
+  config.train.num_steps = 2
+  train.train_and_evaluate(config, tmp_path / 'resumed')
+  assert ckpt_lib.TrainCheckpointer(tmp_path / 'resumed').all_steps() == [2]
+  config.train.num_steps = 4
+  resumed = train.train_and_evaluate(config, tmp_path / 'resumed')
+  assert int(resumed.step) == 4
+  assert leaves_equal(jax.device_get(straight), jax.device_get(resumed))
+  assert leaves_equal(final_state(tmp_path / 'straight'), final_state(tmp_path / 'resumed'))
+
+  records = read_metrics(tmp_path / 'resumed')
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  assert [r['train_bpd'] for r in records] == [r['train_bpd'] for r in
+                                               read_metrics(tmp_path / 'straight')]
+  # Warm-up over 2 steps, then halved at the epoch boundary (3 steps per epoch); the
+  # record of step n shows the lr used by update n (schedule at n - 1).
+  assert [r['lr'] for r in records] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+  assert all(set(r) >= {'step', 'epoch', 'lr', 'train_bpd', 'img_per_s', 'skipped'}
+             for r in records)
+  assert list((tmp_path / 'resumed' / train.TENSORBOARD_DIR).iterdir())
+
+
+def test_hooks_and_best_checkpoint(config, tmp_path, compiled):
+  del compiled
+  calls = []
+  values = iter([3.0, 2.5])
+
+  def eval_fn(state, step):
+    calls.append(('eval', step, int(state.step)))
+    return {'test_bpd': next(values)}
+
+  def sample_fn(state, step):
+    calls.append(('sample', step, int(state.step)))
+
+  train.train_and_evaluate(config, tmp_path / 'run', eval_fn=eval_fn, sample_fn=sample_fn)
+  # Epoch 1 ends after step 3; the final evaluation at step 4.
+  assert calls == [('eval', 3, 3), ('sample', 3, 3), ('eval', 4, 4)]
+  evals = [r for r in read_metrics(tmp_path / 'run') if 'test_bpd' in r]
+  assert [(r['step'], r['test_bpd']) for r in evals] == [(3, 3.0), (4, 2.5)]
+  assert ckpt_lib.read_metadata(tmp_path / 'run' / train.BEST_DIR)['step'] == 4
+  best = ckpt_lib.load_variables(tmp_path / 'run' / train.BEST_DIR, config)
+  assert leaves_equal(best['params'], final_state(tmp_path / 'run')['ema_params'])
+
+
+def test_nonfinite_run_stops_without_checkpoint(config, tmp_path, compiled):
+  variables = jax.tree.map(np.array, compiled['variables'])
+  variables['params']['prior']['log_scale'][:] = np.inf
+  ckpt_lib.save_variables(tmp_path / 'bad', variables, config)
+  config.checkpoint = str(tmp_path / 'bad')
+  config.train.max_nonfinite_in_row = 2
+  with pytest.raises(train.NonFiniteError, match='2 consecutive steps'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert ckpt_lib.TrainCheckpointer(tmp_path / 'run').latest_step() is None
+  assert [r['skipped'] for r in read_metrics(tmp_path / 'run')] == [1, 1]
+
+
+def test_start_from_variables_then_finetune(config, tmp_path, compiled):
+  ckpt_lib.save_variables(tmp_path / 'converted', compiled['variables'], config)
+  config.checkpoint = str(tmp_path / 'converted')
+  config.train.num_steps = 3
+  state = train.train_and_evaluate(config, tmp_path / 'run')
+  assert int(state.step) == 3
+
+  config.train.phase = 'finetune'
+  config.train.finetune_lr = 3e-5
+  config.train.num_steps = 2
+  state = train.train_and_evaluate(config, tmp_path / 'run')
+  assert int(state.step) == 5
+  records = read_metrics(tmp_path / 'run')
+  assert [r['lr'] for r in records[3:]] == pytest.approx([3e-5, 3e-5])
+  pretrained = ckpt_lib.load_variables(tmp_path / 'run' / train.PRETRAINED_DIR)
+  assert ckpt_lib.read_metadata(tmp_path / 'run' / train.PRETRAINED_DIR)['step'] == 3
+  assert not leaves_equal(pretrained['params'], jax.device_get(state.params))
+
+  # Pretraining cannot continue a fine-tuned workdir.
+  config.train.phase = 'pretrain'
+  config.train.num_steps = 8
+  with pytest.raises(ConfigError, match='fine-tuning run'):
+    train.train_and_evaluate(config, tmp_path / 'run')
