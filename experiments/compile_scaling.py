@@ -1,0 +1,57 @@
+"""Compile time of the train step as modules are added to every unit.
+
+    python experiments/compile_scaling.py --config configs/reference_small.py --scales 1,2,4
+
+For each scale s, layers_config is multiplied by s (the number of glow-like
+modules per unit) and the train step is lowered and compiled; with the modules
+of a unit in one `nn.scan`, the compiled program does not grow with s, so the
+compile time should stay roughly flat. Prints one JSON line per scale.
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.getcwd())
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
+_SCALES = flags.DEFINE_list('scales', ['1', '2', '4'], 'Multipliers of layers_config.')
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch.')
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+  from denseflow_jax import train
+  from denseflow_jax.spec import spec_from_config
+
+  base = _CONFIG.value
+  mesh = train.make_mesh()
+  for scale in map(int, _SCALES.value):
+    config = base.copy_and_resolve_references()
+    config.model.layers_config = tuple(scale * n for n in base.model.layers_config)
+    config.train.batch_size = _BATCH.value
+    spec = spec_from_config(config.model)
+    x = train.global_batch(np.zeros((_BATCH.value, *spec.image_shape), np.uint8), mesh)
+    key = jax.random.PRNGKey(0)
+    init, to_state = train.make_state_init(spec, config, mesh, steps_per_epoch=1000)
+    state = to_state(init(key, x))
+    step = train.make_train_step(spec, config, mesh, steps_per_epoch=1000)
+    start = time.perf_counter()
+    lowered = step.lower(state, x, key)
+    lower_s = time.perf_counter() - start
+    lowered.compile()
+    compile_s = time.perf_counter() - start - lower_s
+    print(json.dumps({'layers_config': list(spec.layers_config), 'trace_lower_s': lower_s,
+                      'compile_s': compile_s, 'device': jax.devices()[0].device_kind,
+                      'disable_most_optimizations': bool(jax.config.jax_disable_most_optimizations),
+                      'jax': jax.__version__}), flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
