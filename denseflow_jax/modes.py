@@ -76,8 +76,30 @@ def sample(config, workdir):
 
 
 def train(config, workdir):
-  from denseflow_jax import train as train_lib
-  return train_lib.train_and_evaluate(config, workdir)
+  """The official recipe with periodic test bits/dim (one-sample bound) and sample grids."""
+  import jax
+  from denseflow_jax import evaluate as evaluate_lib, model as model_lib, train as train_lib
+  model = model_lib.make_model(config.model)
+  key = jax.random.PRNGKey(config.seed + 1)
+  log_prob_fn = evaluate_lib.make_log_prob_fn(model)
+  samples_dir = os.path.join(workdir, 'samples')
+
+  def eval_fn(state, step):
+    variables = train_lib.eval_variables(state, config.eval.use_ema)
+    result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=1,
+                                           log_prob_fn=log_prob_fn, progress=False)
+    return {'test_bpd': result['elbo_bpd']}
+
+  def sample_fn(state, step):
+    variables = train_lib.eval_variables(state, config.eval.use_ema)
+    images = evaluate_lib.sample_images(model, variables, jax.random.fold_in(key, step),
+                                        config.sample.num, config.sample.temperature,
+                                        config.sample.batch_size)
+    os.makedirs(samples_dir, exist_ok=True)
+    evaluate_lib.save_sample_grid(os.path.join(samples_dir, f'step_{step:08d}.png'), images,
+                                  num_bits=model.spec.num_bits)
+
+  return train_lib.train_and_evaluate(config, workdir, eval_fn=eval_fn, sample_fn=sample_fn)
 
 
 MODES = {'train': train, 'eval': evaluate, 'sample': sample, 'summary': summary}
