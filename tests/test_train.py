@@ -306,3 +306,12 @@ def test_start_from_variables_then_finetune(config, tmp_path, compiled):
   config.train.num_steps = 8
   with pytest.raises(ConfigError, match='fine-tuning run'):
     train.train_and_evaluate(config, tmp_path / 'run')
+
+
+def test_digits_config_is_valid():
+  from configs import digits
+  c = digits.get_config()
+  spec_from_config(c.model)
+  train.validate_train_config(c)
+  train.check_batch_divisible(c.train.batch_size, train.make_mesh())
+  assert data_lib.steps_per_epoch(c) == 23
