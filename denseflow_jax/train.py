@@ -27,6 +27,8 @@ Fine-tune (``train.phase = 'finetune'``, official train_more.py): constant
 ``train.finetune_lr`` for ``train.finetune_epochs`` epochs, continuing the latest
 checkpoint of the workdir (params, optimizer moments, data stream) or starting from
 ``config.checkpoint``. The pretrained variables are first copied to WORKDIR/pretrained.
+``train.num_steps > 0`` stops after that many steps (pretrain: at that global step;
+fine-tune: that many fine-tuning steps).
 """
 from __future__ import annotations
 
@@ -603,6 +605,8 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
         run_hooks(step)      # first, so that a new best metric is in the checkpoint's meta
         if step % int(t.checkpoint_every_steps) == 0 or step == total_steps:
           save(step)
+        # img/s measures training only: restart the clock after hooks and checkpoints.
+        window.update(time=time.perf_counter(), timed_steps=0)
     if pending is not None:
       handle(pending)
   finally:
