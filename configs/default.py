@@ -47,6 +47,7 @@ def get_config():
   t.lr = 1e-3
   t.warmup_steps = 5000
   t.gamma = 0.9975                     # lr decay per epoch
+  t.phase = 'pretrain'                 # 'finetune': constant finetune_lr from a trained model
   t.finetune_lr = 2e-5                 # official train_more.py
   t.finetune_epochs = 20
   t.grad_clip = 0.0                    # 0 = off; global-norm clipping otherwise
@@ -57,6 +58,7 @@ def get_config():
   t.checkpoint_every_steps = 2000
   t.keep_checkpoints = 3
   t.max_nonfinite_in_row = 10
+  t.best_metric = 'test_bpd'           # kept in WORKDIR/best when it improves (lower is better)
   t.num_steps = -1                     # > 0 stops after this many steps (tests, smoke runs)
 
   # ---- evaluation ----

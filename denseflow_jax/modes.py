@@ -39,7 +39,7 @@ def evaluate(config, workdir):
   model, variables, source = _model_and_variables(config, workdir)
   key = jax.random.PRNGKey(config.seed)
   result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=config.eval.k)
-  images, mask = next(iter(data.iterate_eval(config, 'test', num_examples=config.eval.batch_size)))
+  images, mask = next(iter(data.iterate_eval(config, 'test')))   # first (padded) batch
   result['reconstruction_error'] = evaluate_lib.reconstruction_error(
       model, variables, images[mask], jax.random.fold_in(key, 10**6))
   result['checkpoint'] = os.fspath(source)
