@@ -28,6 +28,10 @@ def get_config():
   # Performance knobs: they do not change the maths.
   m.compute_dtype = 'float32'          # dtype of convolutions / attention ('bfloat16')
   m.remat = False                      # rematerialise coupling networks (saves memory)
+  # Modules of a unit per scan iteration. >= the modules per unit (here 64) unrolls the
+  # unit: on XLA:CPU a rolled scan made the train step ~12-100x slower (experiments/
+  # RESULTS.md); 1 keeps compile time flat in depth. Check both on your accelerator.
+  m.scan_unroll = 64
 
   # ---- data ----
   d = config.data = ml_collections.ConfigDict()

@@ -27,7 +27,7 @@ folder) and then returns the latest checkpoint's variables (EMA parameters with
 
 A stored config whose ``model`` section differs from the current one is refused with
 :class:`CheckpointError` naming every differing field; the performance knobs that do
-not change the parameters (``model.compute_dtype``, ``model.remat``) may differ.
+not change the parameters (``model.compute_dtype``, ``model.remat``, ``model.scan_unroll``) may differ.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ TRAIN_ITEMS = ('state', 'data', 'config', 'meta')
 FORMAT = 'denseflow_jax.checkpoint/1'
 
 # model.* fields that change speed or memory, not the parameters: they may differ on resume.
-MODEL_FIELDS_FREE_TO_CHANGE = ('compute_dtype', 'remat')
+MODEL_FIELDS_FREE_TO_CHANGE = ('compute_dtype', 'remat', 'scan_unroll')
 
 
 class CheckpointError(ValueError):
@@ -172,10 +172,28 @@ class TrainCheckpointer:
     manager = self._get_manager()
     if manager is None:
       raise CheckpointError(f'no checkpoints in {self.directory}')
-    return manager.restore(int(step), args=ocp.args.Composite(**items))
+    try:
+      return manager.restore(int(step), args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError):
+      raise                  # mismatched structure: restore() words it
+    except Exception as e:   # pylint: disable=broad-except
+      raise CheckpointError(self._damaged(step, e)) from e
+
+  def _damaged(self, step: int, error: Exception) -> str:
+    """The message for a checkpoint that cannot be read (truncated / garbled file)."""
+    path = self.directory / str(step)
+    others = [s for s in self.all_steps() if s != int(step)]
+    fallback = (f'the previous complete checkpoint (step {others[-1]}) is then used'
+                if others else 'training then starts from scratch')
+    return (f'checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is '
+            f'damaged (e.g. a truncated or garbled file). Move {path} out of '
+            f'{self.directory} to resume without it ({fallback}), or use a new --workdir')
 
   def stored_config(self, step: int) -> dict:
-    return self._restore(step, config=ocp.args.JsonRestore())['config']
+    try:
+      return self._restore(step, config=ocp.args.JsonRestore())['config']
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(self._damaged(step, e)) from e
 
   def restore(self, step: int, abstract_state):
     """(state, data_state, meta) of checkpoint ``step``.
@@ -189,11 +207,16 @@ class TrainCheckpointer:
       restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
                                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
     except (ValueError, KeyError, TypeError) as e:
+      damaged = ('OUT_OF_RANGE', 'DATA_LOSS', 'Error reading', 'Error opening')
+      if (isinstance(e, (json.JSONDecodeError, UnicodeDecodeError))
+          or any(m in str(e) for m in damaged)):   # tensorstore: truncated / garbled file
+        raise CheckpointError(self._damaged(step, e)) from e
       raise CheckpointError(
           f'cannot restore checkpoint {self.directory / str(step)} into the current train '
-          f'state ({type(e).__name__}: {e}); it was probably written with other training '
-          'settings (e.g. train.optimizer, train.ema_decay on/off): resume with those, or '
-          'use a new --workdir') from e
+          f'state ({type(e).__name__}: {e}); it is damaged, or was written with other '
+          'training settings (e.g. train.optimizer, train.ema_decay on/off): resume with '
+          'those, move the step directory out of the way to use the previous checkpoint, '
+          'or use a new --workdir') from e
     return restored['state'], restored['data'], restored['meta']
 
   def restore_raw_state(self, step: int) -> dict:

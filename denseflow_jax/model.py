@@ -54,7 +54,8 @@ class DenseFlow(nn.Module):
       self.dequantization = UniformDequantization(spec.num_bits)
     self.blocks = [
         DenseFlowBlock(units, modules, coupling_net_factory(spec, mid), growth=spec.growth,
-                       noise=spec.noise, conv1x1=spec.conv1x1, dtype=spec.dtype)
+                       noise=spec.noise, conv1x1=spec.conv1x1, dtype=spec.dtype,
+                       unroll=spec.scan_unroll)
         for units, modules, mid in zip(spec.block_config, spec.layers_config, spec.mid_channels)]
     self.prior = ChannelGaussian(spec.latent_shape()[-1])
 

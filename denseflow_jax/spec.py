@@ -37,6 +37,7 @@ class ModelSpec:
   conv1x1: str = 'full'
   compute_dtype: str = 'float32'
   remat: bool = False
+  scan_unroll: int = 64         # modules per scan iteration (>= modules per unit: unrolled)
 
   @property
   def growth(self) -> int:
@@ -105,6 +106,8 @@ def spec_from_config(model_config) -> ModelSpec:
   if spec.cross_unit and spec.growth_rate <= 0 and max(spec.block_config) > 1:
     raise ConfigError(f'model.growth_rate must be positive with cross-unit coupling, got '
                       f'{spec.growth_rate}; set model.cross_unit=False to switch augmentation off')
+  if spec.scan_unroll < 1:
+    raise ConfigError(f'model.scan_unroll must be at least 1, got {spec.scan_unroll}')
   if not 1 <= spec.num_bits <= 8:
     raise ConfigError(f'model.num_bits must be in 1..8 (uint8 images), got {spec.num_bits}')
   for key, allowed in (('noise', NOISE_KINDS), ('coupling_net', COUPLING_NETS),

@@ -70,6 +70,8 @@ CASES = {
     'channel_switch_even': Case(lambda d: ChannelSwitch(), (2, 2, 2, 6)),
     'channel_switch_odd': Case(lambda d: ChannelSwitch(), (2, 2, 2, 5)),
     'unit_scan_3_modules': Case(lambda d: Unit(3, _net(GlowNet, hidden=8)(d)), (2, 4, 4, 4)),
+    'unit_unrolled_3_modules': Case(lambda d: Unit(3, _net(GlowNet, hidden=8)(d), unroll=3),
+                                    (2, 4, 4, 4)),
 }
 
 

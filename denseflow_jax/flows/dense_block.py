@@ -30,9 +30,10 @@ class DenseFlowBlock(nn.Module):
   noise: str = 'preconditioned'
   conv1x1: str = 'full'
   dtype: Any = jnp.float32
+  unroll: int = 1                 # modules per scan iteration (see unit.py)
 
   def _unit(self, i):
-    return Unit(self.num_modules, self.make_net, self.conv1x1, name=f'unit_{i}')
+    return Unit(self.num_modules, self.make_net, self.conv1x1, self.unroll, name=f'unit_{i}')
 
   @nn.compact
   def __call__(self, x, noise: Sequence[Any] = (), inverse: bool = False, train: bool = False):

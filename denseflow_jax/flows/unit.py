@@ -7,7 +7,10 @@ One module (official `SequentialTransform([ActNorm, Conv1x1, coupling, switch])`
     inverse  the same layers inverted, in reverse order
 
 The modules' parameters are stacked along a leading axis of length N and the
-unit is one `lax.scan`, so compile time does not grow with N.
+unit is one `lax.scan`, so compile time does not grow with N. `unroll` > 1
+unrolls that many modules per loop iteration: on XLA:CPU a convolution's
+backward pass inside a loop body ran ~12x slower than unrolled (measured on the
+dense-block coupling network), so CPU runs trade compile time for step time.
 """
 from typing import Any, Callable
 
@@ -51,6 +54,7 @@ class Unit(nn.Module):
   num_modules: int
   make_net: Callable[..., nn.Module]
   conv1x1: str = 'full'
+  unroll: int = 1
 
   @nn.compact
   def __call__(self, x, inverse: bool = False, train: bool = False):
@@ -58,7 +62,8 @@ class Unit(nn.Module):
                       variable_axes={'params': 0, 'batch_stats': 0},
                       split_rngs={'params': True},
                       length=self.num_modules,
-                      reverse=inverse)
+                      reverse=inverse,
+                      unroll=max(1, min(self.unroll, self.num_modules)))
     modules = scanned(self.make_net, self.conv1x1, inverse=inverse, train=train, name='modules')
     if inverse:
       x, _ = modules(x, None)
