@@ -7,6 +7,7 @@ overridden, e.g. --config.train.batch_size=128 --config.eval.k=1000;
 --config.checkpoint=DIR runs any mode from a converted official checkpoint.
 """
 import os
+import shlex
 import sys
 
 # Configs import each other as `configs.<name>`: make the project root importable
@@ -30,13 +31,38 @@ def main(argv):
   from denseflow_jax.checkpoint import CheckpointError
   from denseflow_jax.data import DataError
   from denseflow_jax.spec import ConfigError
+  from denseflow_jax.train import NonFiniteError
   logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
+  from denseflow_jax.train import TrainingInterrupted
   try:
     modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError) as e:   # bad input: the message says the fix
+  except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:   # the message says the fix
     raise SystemExit(f'error: {e}') from None
+  except TrainingInterrupted as e:   # SIGTERM / Ctrl-C: checkpointed, say how to resume
+    command = ' '.join(shlex.quote(a) for a in [os.path.basename(sys.executable), '-m',
+                                                 'denseflow_jax.main', *sys.argv[1:]])
+    print(f'{e}\n  resume: {command}', file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code) from None
+
+
+def _parse_flags(argv):
+  """absl's parser, plus a one-line error for a misspelled --config.<field> override
+  (ml_collections raises AttributeError / KeyError there, with a traceback)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):
+      e = e.__context__       # the KeyError holds the plain text
+    text = str(e.args[0] if e.args else e).replace('\n', ' ')
+    key = text.split("'")[1] if text.count("'") >= 2 else text
+    args = [a.split('=')[0] for a in argv[1:]
+            if a.startswith('--config.') and key in a.split('=')[0].split('.')]
+    raise SystemExit(
+        f'error: unknown config field in {args[0] if args else "a --config override"} '
+        f'({text}); check the spelling against the config file (configs/default.py lists '
+        'every field); nothing was run') from None
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

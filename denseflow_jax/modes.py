@@ -102,6 +102,21 @@ def train(config, workdir):
   return train_lib.train_and_evaluate(config, workdir, eval_fn=eval_fn, sample_fn=sample_fn)
 
 
+def check_workdir_writable(workdir):
+  """ConfigError if --workdir cannot be created or written (checked without creating it:
+  the nearest existing ancestor must be a writable directory)."""
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f'--workdir {workdir} cannot be created: {existing} is a file, not a '
+                      'directory; choose another --workdir')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f'--workdir {workdir} cannot be written: no write permission on '
+                      f'{existing}; choose another --workdir or fix the permissions')
+
+
 MODES = {'train': train, 'eval': evaluate, 'sample': sample, 'summary': summary}
 
 
@@ -112,4 +127,6 @@ def run(mode: str, config, workdir):
   if mode != 'summary' and not workdir:
     raise ConfigError(f'--workdir is required for --mode={mode}')
   spec_from_config(config.model)   # every model error before anything is loaded or compiled
+  if mode != 'summary':
+    check_workdir_writable(workdir)
   return MODES[mode](config, workdir)

@@ -40,6 +40,8 @@ import logging
 import math
 import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -66,6 +68,50 @@ BEST_DIR = 'best'
 
 class NonFiniteError(RuntimeError):
   """Training produced too many non-finite losses / gradients in a row."""
+
+
+class TrainingInterrupted(Exception):
+  """SIGTERM (preemption) or SIGINT (Ctrl-C) stopped training after a checkpoint.
+
+  Attributes: ``signal_name`` ('SIGTERM' / 'SIGINT'), ``step`` (the checkpointed step),
+  ``exit_code`` (0 for SIGTERM, 130 for SIGINT: what ``main`` exits with).
+  """
+
+  def __init__(self, signal_name: str, step: int, directory):
+    self.signal_name, self.step = signal_name, int(step)
+    self.exit_code = 130 if signal_name == 'SIGINT' else 0
+    super().__init__(f'training stopped by {signal_name} after step {step}; checkpoint saved '
+                     f'in {directory}. Run the same command again (same --config, overrides '
+                     'and --workdir) to resume from it.')
+
+
+@contextlib.contextmanager
+def _stop_signals():
+  """Yields a dict whose 'signal' becomes the name of the first SIGTERM / SIGINT received
+  (the loop then finishes its step, checkpoints and stops); a second SIGINT raises
+  KeyboardInterrupt at once. The previous handlers are restored on exit. Outside the main
+  thread (where handlers cannot be installed) nothing is installed."""
+  flag = {'signal': None}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+
+  def handler(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if flag['signal'] is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt   # second Ctrl-C: abort now (the last checkpoint stays)
+    if flag['signal'] is None:
+      flag['signal'] = name
+      logging.warning('%s received: finishing the current step, then checkpointing and '
+                      'stopping (Ctrl-C again aborts without a checkpoint)', name)
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield flag
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 @flax.struct.dataclass
@@ -407,6 +453,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                        ) -> TrainState:
   """Trains (or resumes / fine-tunes) in ``workdir``; returns the final state.
 
+  SIGTERM or SIGINT during the loop: the current step finishes, a checkpoint is written
+  and :class:`TrainingInterrupted` is raised (``main`` prints how to resume and exits
+  with its ``exit_code``); a second SIGINT aborts at once.
+
   Args:
     config: the full config (configs/default.py).
     workdir: checkpoints, metrics.jsonl and tensorboard/ go here; a complete checkpoint
@@ -509,7 +559,9 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
   use_ema = bool(config.eval.get('use_ema', True)) if 'eval' in config else True
 
   train_step = make_train_step(spec, config, mesh, steps_per_epoch)
-  log = _MetricsLog(workdir, start_step if latest is not None else None, is_main)
+  # A fresh start also drops the records of an earlier attempt killed before its first
+  # checkpoint.
+  log = _MetricsLog(workdir, start_step, is_main)
   max_bad = int(t.max_nonfinite_in_row)
   log_every = int(t.log_every)
   eval_every = int(_train_get(t, 'eval_every_epochs', 1))
@@ -518,8 +570,9 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   progress = tqdm(total=total_steps, initial=start_step, disable=not is_main,
                   unit='step', dynamic_ncols=True, desc=phase)
-  window = {'bpd_sum': 0.0, 'finite': 0, 'skipped': 0, 'steps': 0,
+  window = {'bpd_sum': 0.0, 'finite': 0, 'skipped': 0, 'skipped_steps': [], 'steps': 0,
             'time': None, 'timed_steps': 0}
+  saved = {'step': start_step if latest is not None else None}
 
   def save(step):
     if not _is_finite_tree((state.params, state.batch_stats, state.ema_params)):
@@ -527,6 +580,7 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
     # orbax copies the arrays to the host before save() returns (the default, synchronous
     # device-to-host transfer), so the next step may donate the state's buffers.
     checkpointer.save(step, state, iterator.get_state(), config, meta)
+    saved['step'] = step
 
   def handle(metrics):
     """Host side of one finished step (fetched one step late, so the device stays busy)."""
@@ -534,6 +588,7 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
     step = int(m['step']) + 1
     if int(m['skipped']):
       window['skipped'] += 1
+      window['skipped_steps'].append(step)
       logging.warning('step %d: non-finite loss or gradient (loss %s), update skipped '
                       '(%d in a row)', step, m['train_bpd'], int(m['nonfinite_count']))
     else:
@@ -553,12 +608,14 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
       bpd = window['bpd_sum'] / window['finite'] if window['finite'] else None
       record = {'step': step, 'epoch': step / steps_per_epoch, 'lr': float(m['lr']),
                 'train_bpd': bpd, 'img_per_s': img_per_s, 'skipped': window['skipped'],
+                'skipped_steps': list(window['skipped_steps']),
                 'skipped_total': int(m['skipped_total']), 'grad_norm': float(m['grad_norm'])}
       log.write(record, 'train')
       progress.set_postfix(bpd=f'{bpd:.4f}' if bpd is not None else '-',
                            img_s=f'{img_per_s:.1f}' if img_per_s is not None else '-',
                            refresh=False)
-      window.update(bpd_sum=0.0, finite=0, skipped=0, steps=0, time=now, timed_steps=0)
+      window.update(bpd_sum=0.0, finite=0, skipped=0, skipped_steps=[], steps=0, time=now,
+                    timed_steps=0)
     if int(m['nonfinite_count']) >= max_bad:
       raise NonFiniteError(
           f'{int(m["nonfinite_count"])} consecutive steps (up to step {step}) had a non-finite '
@@ -584,7 +641,10 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
 
   pending = None
   step = start_step
+  stop = cleanup = None
   try:
+    cleanup = _stop_signals()
+    stop = cleanup.__enter__()
     while step < total_steps:
       if first_batch is not None:
         batch, first_batch = first_batch, None
@@ -607,10 +667,20 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
           save(step)
         # img/s measures training only: restart the clock after hooks and checkpoints.
         window.update(time=time.perf_counter(), timed_steps=0)
+      if stop['signal'] is not None and step < total_steps:
+        if pending is not None:
+          handle(pending)
+          pending = None
+        if saved['step'] != step:
+          save(step)
+        checkpointer.wait()
+        raise TrainingInterrupted(stop['signal'], step, checkpointer.directory)
     if pending is not None:
       handle(pending)
   finally:
     progress.close()
     checkpointer.wait()
     log.close()
+    if cleanup is not None:
+      cleanup.__exit__(None, None, None)
   return state
