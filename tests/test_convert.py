@@ -34,3 +34,16 @@ def test_convert_refuses_to_overwrite_and_reports_missing_inputs(reference_dir, 
   assert (out / 'keep.txt').read_text() == 'precious'
   with pytest.raises(ConvertError, match='does not exist'):
     convert_checkpoint(str(tmp_path / 'nope.npz'), small_config, str(tmp_path / 'new'))
+
+
+def test_convert_reads_an_official_style_checkpoint_pt(reference_dir, small_config, tmp_path):
+  """An official checkpoint.pt is a torch pickle of {'model': state_dict, ...}; needs torch."""
+  torch = pytest.importorskip('torch')
+  state_dict = np.load(reference_dir / 'state_dict.npz')
+  path = tmp_path / 'checkpoint.pt'
+  torch.save({'current_epoch': 3, 'model': {k: torch.from_numpy(state_dict[k]) for k in state_dict.files}},
+             path)
+  out = tmp_path / 'from_pt'
+  variables = convert_checkpoint(str(path), small_config, str(out))
+  np.testing.assert_array_equal(variables['params']['prior']['loc'],
+                                state_dict['base_dist.loc'].reshape(-1))
