@@ -576,7 +576,10 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
 
   def save(step):
     if not _is_finite_tree((state.params, state.batch_stats, state.ema_params)):
-      raise NonFiniteError(f'refusing to checkpoint step {step}: the parameters are not finite')
+      raise NonFiniteError(
+          f'refusing to checkpoint step {step}: the parameters are not finite (the last '
+          f'checkpoint in {checkpointer.directory} is kept). Lower train.lr, set '
+          'train.grad_clip, or resume from that checkpoint')
     # orbax copies the arrays to the host before save() returns (the default, synchronous
     # device-to-host transfer), so the next step may donate the state's buffers.
     checkpointer.save(step, state, iterator.get_state(), config, meta)

@@ -102,10 +102,10 @@ def test_sigkill_at_random_points_loses_nothing(env, straight, tmp_path):
   while len(kills) < KILLS:
     latest = ckpt_lib.TrainCheckpointer(workdir).latest_step() or 0
     kind = 'save' if len(kills) % 2 == 0 else 'step'
-    if kind == 'save':    # kill while orbax writes checkpoint `target` (2 or 4 steps on)
-      target = min(NUM_STEPS, latest + 2 * rng.randint(1, 2))
+    if kind == 'save':    # kill while orbax writes checkpoint `target` (2, 4 or 6 steps on)
+      target = min(NUM_STEPS, latest + 2 * rng.randint(1, 3))
     else:                 # kill a random 0-0.15 s after step `target` was logged
-      target = min(NUM_STEPS - 2, latest + rng.randint(1, 3))
+      target = min(NUM_STEPS - 2, latest + rng.randint(1, 4))
     delay = rng.uniform(0.0, 0.15)
     proc = start(workdir, env)
     trained_at = None
@@ -176,3 +176,35 @@ def test_sigterm_and_ctrl_c_checkpoint_and_say_how_to_resume(env, straight, tmp_
   assert step == NUM_STEPS
   assert_same_state(state, final_state(straight)[1])
   print(f'SIGTERM after step {stopped}, SIGINT after step {resumed}, resumed to {NUM_STEPS}')
+
+
+def test_nonfinite_steps_are_logged_and_never_checkpointed(tmp_path):
+  """Every step non-finite but fewer than train.max_nonfinite_in_row: each skipped update
+  is logged with its step, and the checkpoint at step 2 is refused (the parameters are not
+  finite), so no checkpoint ever holds a non-finite value."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  from sklearn.datasets import load_digits   # pylint: disable=g-import-not-at-top
+  from test_train import make_config          # the same tiny model: compiled once per session
+  from denseflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  images = load_digits().images.astype(np.uint8)[:, :, :, None]
+  np.savez(tmp_path / 'digits.npz', train=images[:48], test=images[48:64])
+  config = make_config(str(tmp_path / 'digits.npz'))
+  spec = train.spec_from_config(config.model)
+  mesh = train.make_mesh()
+  init, _ = train.make_state_init(spec, config, mesh, data_lib.steps_per_epoch(config))
+  batch = next(data_lib.make_train_iterator(config))
+  variables = jax.tree.map(np.array, jax.device_get(
+      init(jax.random.PRNGKey(0), train.global_batch(batch, mesh))))
+  variables['params']['prior']['log_scale'][:] = np.nan
+  ckpt_lib.save_variables(tmp_path / 'bad', variables, config)
+  config.checkpoint = str(tmp_path / 'bad')
+  config.train.max_nonfinite_in_row = 10
+  config.train.checkpoint_every_steps = 2
+  with pytest.raises(train.NonFiniteError, match='refusing to checkpoint step 2: the '
+                                                 'parameters are not finite') as info:
+    train.train_and_evaluate(config, tmp_path / 'run')
+  print(info.value)
+  assert ckpt_lib.TrainCheckpointer(tmp_path / 'run').latest_step() is None
+  records = [json.loads(line) for line in metrics_lines(tmp_path / 'run')]
+  assert [(r['step'], r['skipped'], r['skipped_steps'], r['skipped_total'])
+          for r in records] == [(1, 1, [1], 1), (2, 1, [2], 2)]
