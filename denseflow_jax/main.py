@@ -21,6 +21,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'summary'], 'What to run.')
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost', False, 'Call jax.distributed.initialize() first: one process per host of a TPU '
+    'pod slice or per GPU host (the coordinator is found from the environment).')
 
 
 def main(argv):
@@ -32,8 +35,11 @@ def main(argv):
   from denseflow_jax.data import DataError
   from denseflow_jax.spec import ConfigError
   from denseflow_jax.train import NonFiniteError
-  logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
   from denseflow_jax.train import TrainingInterrupted
+  logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
+  if _MULTIHOST.value:
+    import jax
+    jax.distributed.initialize()
   try:
     modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:   # the message says the fix
