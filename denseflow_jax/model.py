@@ -133,11 +133,6 @@ def draw_noise(spec: ModelSpec, rng, batch: int):
   return {'dequantization': dequant, 'cross_unit': tuple(cross)}
 
 
-def zero_noise(spec: ModelSpec, batch: int):
-  return jax.tree.map(jnp.zeros, noise_shapes(spec, batch), is_leaf=lambda s: isinstance(s, tuple)
-                      and all(isinstance(d, int) for d in s))
-
-
 def draw_sample_noise(spec: ModelSpec, rng, num: int):
   """(eps of the final latent, [eps of each dropped half, data-side order])."""
   keys = jax.random.split(rng, len(spec.block_config))
