@@ -48,7 +48,7 @@ def main(argv):
     compile_s = time.perf_counter() - start - lower_s
     print(json.dumps({'layers_config': list(spec.layers_config), 'trace_lower_s': lower_s,
                       'compile_s': compile_s, 'device': jax.devices()[0].device_kind,
-                      'disable_most_optimizations': bool(jax.config.jax_disable_most_optimizations),
+                      'JAX_DISABLE_MOST_OPTIMIZATIONS': os.environ.get('JAX_DISABLE_MOST_OPTIMIZATIONS', ''),
                       'jax': jax.__version__}), flush=True)
 
 
