@@ -41,6 +41,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from denseflow_jax.files import write_json_atomic
+
 CHECKPOINTS_DIR = 'checkpoints'
 VARIABLES_DIR = 'variables'
 CONFIG_FILE = 'config.json'
@@ -91,12 +93,6 @@ def check_model_config(stored: Mapping, config, where: str, fix: str) -> None:
   if diff:
     fields = '; '.join(f'model.{k}: checkpoint {a!r}, config {b!r}' for k, (a, b) in diff.items())
     raise CheckpointError(f'{where} holds a different model than the config ({fields}). {fix}')
-
-
-def _write_json_atomic(path: pathlib.Path, data) -> None:
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------
@@ -263,8 +259,8 @@ def save_variables(directory: str | os.PathLike, variables: Mapping, config,
     checkpointer.save(directory / VARIABLES_DIR, variables, force=True)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    _write_json_atomic(directory / CONFIG_FILE, config_to_dict(config))
-    _write_json_atomic(directory / METADATA_FILE, dict(metadata or {}, format=FORMAT))
+    write_json_atomic(directory / CONFIG_FILE, config_to_dict(config))
+    write_json_atomic(directory / METADATA_FILE, dict(metadata or {}, format=FORMAT))
 
 
 def read_config(directory: str | os.PathLike) -> dict:

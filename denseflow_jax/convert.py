@@ -112,17 +112,11 @@ def _official_shape(shape, name):
   return shape
 
 
-def _target_shapes(spec: ModelSpec):
-  from denseflow_jax import model as model_lib     # local: model imports nothing from here
-  m = model_lib.make_model(spec)
-  x = jax.ShapeDtypeStruct((1, *spec.image_shape), jnp.uint8)
-  return jax.eval_shape(lambda x: model_lib.init_variables(m, jax.random.PRNGKey(0), x), x)
-
-
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], spec: ModelSpec) -> Dict:
   """Our variables {'params', 'batch_stats'} (NumPy float32) from an official state dict.
   Every mismatch (unknown, missing or mis-shaped key) is reported in one ConvertError."""
-  target = _target_shapes(spec)
+  from denseflow_jax.summary import variable_shapes   # local: summary imports the model
+  target = variable_shapes(spec)
   flat = {(col,) + tuple(k.key for k in path): leaf
           for col in target for path, leaf in jax.tree_util.tree_flatten_with_path(target[col])[0]}
   out = {k: np.zeros(v.shape, np.float32) for k, v in flat.items()}

@@ -23,7 +23,6 @@ noise (`temperature_sweep_grid`).
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -34,6 +33,7 @@ from PIL import Image
 import tqdm
 
 from denseflow_jax import data
+from denseflow_jax.files import atomic_write
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, draw_sample_noise
 
@@ -203,25 +203,6 @@ def reconstruction_error(model: DenseFlow, variables, x, key) -> float:
 
 # ---------------------------------------------------------------- files
 
-def _atomic_write(path, write: Callable[[Any], None]):
-  """`write(binary file)` into a temporary file beside `path`, then os.replace: an
-  existing `path` survives any failure."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _json_default(value):
   if isinstance(value, (np.generic, jax.Array)) and np.ndim(value) == 0:
     return np.asarray(value).item()
@@ -234,7 +215,7 @@ def write_eval_json(workdir, result: Dict[str, Any], name: str = 'eval') -> str:
   """Writes `workdir/eval_<name>.json` atomically; returns its path."""
   text = json.dumps(result, indent=2, sort_keys=True, default=_json_default) + '\n'
   path = os.path.join(os.fspath(workdir), f'eval_{name}.json')
-  _atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+  atomic_write(path, lambda f: f.write(text.encode('utf-8')))
   return path
 
 
@@ -297,13 +278,13 @@ def save_sample_grid(path_png, images, num_bits: int = 8, ncols: Optional[int] =
   """Writes `make_grid(...)` as a PNG (grey for one channel, RGB for three); returns the grid."""
   grid = make_grid(images, num_bits, ncols, padding, pad_value)
   picture = Image.fromarray(grid[:, :, 0] if grid.shape[-1] == 1 else grid)
-  _atomic_write(path_png, lambda f: picture.save(f, format='PNG'))
+  atomic_write(path_png, lambda f: picture.save(f, format='PNG'))
   return grid
 
 
 def save_samples_npz(path, images, temperature: float, seconds: float):
   """Writes `images` (uint8 [N, H, W, C]), `temperature` and `seconds` to an .npz."""
-  _atomic_write(path, lambda f: np.savez(f, images=np.asarray(images),
+  atomic_write(path, lambda f: np.savez(f, images=np.asarray(images),
                                          temperature=np.float64(temperature),
                                          seconds=np.float64(seconds)))
 

@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 from scipy.special import logsumexp
 
-from denseflow_jax import data, evaluate
+from denseflow_jax import data, evaluate, files
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, init_variables, make_model
 from denseflow_jax.spec import ModelSpec
 
@@ -207,7 +207,7 @@ def test_failed_writes_keep_the_old_result(tmp_path, monkeypatch):
     f.write(b'{"elbo_bp')
     raise OSError('disk full')
   with pytest.raises(OSError, match='disk full'):
-    evaluate._atomic_write(path, broken_writer)
+    files.atomic_write(path, broken_writer)
   def failing_replace(src, dst):
     raise OSError('replace failed')
   monkeypatch.setattr(os, 'replace', failing_replace)

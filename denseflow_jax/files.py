@@ -1,0 +1,30 @@
+"""Writing files so that a failure never destroys what was there before."""
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+
+def atomic_write(path, write: Callable[[Any], None]):
+  """`write(binary file)` into a temporary file beside `path`, then os.replace: an
+  existing `path` survives any failure."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json_atomic(path, data) -> None:
+  """`data` as indented JSON at `path`, atomically (see `atomic_write`)."""
+  text = json.dumps(data, indent=2, sort_keys=True)
+  atomic_write(path, lambda f: f.write(text.encode('utf-8')))
