@@ -4,6 +4,7 @@
 anything, so the table of DenseFlow-74-10 (130.6M parameters) prints in seconds
 on any machine.
 """
+import dataclasses
 import math
 from typing import List, Tuple
 
@@ -16,7 +17,9 @@ from denseflow_jax.spec import ModelSpec
 
 def variable_shapes(spec: ModelSpec):
   """ShapeDtypeStructs of {'params', 'batch_stats'} for `spec`."""
-  model = model_lib.make_model(spec)
+  # A rolled scan traces each unit's module once instead of once per module (~3x faster
+  # here); the stacked parameter shapes do not depend on the unroll factor.
+  model = model_lib.make_model(dataclasses.replace(spec, scan_unroll=1))
   x = jax.ShapeDtypeStruct((1, *spec.image_shape), jnp.uint8)
   return jax.eval_shape(lambda x: model_lib.init_variables(model, jax.random.PRNGKey(0), x), x)
 
