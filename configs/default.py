@@ -79,5 +79,24 @@ def get_config():
   s.temperature = 1.0
   s.batch_size = 256
 
+  # ---- latent tools (--mode interpolate / reconstruct / sweep; denseflow_jax/latent_tools.py) ----
+  lt = config.latent = ml_collections.ConfigDict()
+  lt.num_pairs = 4                     # interpolate: the first 2 * num_pairs test images
+  lt.indices = ()                      # or these test indices, as pairs (i0, i1, i2, i3, ...)
+  lt.steps = 8                         # points per interpolation, both end points included
+  lt.method = 'linear'                 # 'linear' or 'slerp' (on prior-standardised latents)
+  lt.num_images = 16                   # reconstruct: the first num_images test images
+  lt.temperatures = (0.0, 0.25, 0.5, 0.75, 1.0)  # sweep: one grid row per temperature
+  lt.num_per_row = 8                   # sweep samples per row; reconstruct images per row
+
+  # ---- FID (--mode fid; paper Table 3: 50k samples at T=1 against train) ----
+  f = config.fid = ml_collections.ConfigDict()
+  f.num_samples = 50000
+  f.temperature = 1.0
+  f.batch_size = 500                   # samples (and data images) per Inception pass
+  f.inception_weights = ''             # converted .npz: python -m denseflow_jax.inception --help
+  f.splits = ('train', 'test')         # FID against each of these splits
+  f.stats_dir = ''                     # cached data statistics; '' = WORKDIR/fid_stats
+
   config.checkpoint = ''               # run any mode from this (converted) checkpoint
   return config

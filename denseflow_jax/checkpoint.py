@@ -23,7 +23,8 @@ Standalone variables (:func:`save_variables` / :func:`load_variables`), what
 
 :func:`load_variables` also accepts a training workdir (or its ``checkpoints/``
 folder) and then returns the latest checkpoint's variables (EMA parameters with
-``use_ema=True`` where the run kept them).
+``use_ema=True`` where the run kept them). It also reads checkpoints written on other
+devices, e.g. by several hosts (``--multihost``) read on one machine.
 
 A stored config whose ``model`` section differs from the current one is refused with
 :class:`CheckpointError` naming every differing field; the performance knobs that do
@@ -216,8 +217,10 @@ class TrainCheckpointer:
     return restored['state'], restored['data'], restored['meta']
 
   def restore_raw_state(self, step: int) -> dict:
-    """The saved state as a nested dict of arrays, without a target structure."""
-    return self._restore(step, state=ocp.args.StandardRestore())['state']
+    """The saved state as a nested dict of arrays, without a target structure (on this
+    process's first device where the saved devices do not exist here)."""
+    return self._restore(step, state=ocp.args.StandardRestore(
+        fallback_sharding=_local_fallback_sharding()))['state']
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -232,6 +235,13 @@ class TrainCheckpointer:
 # ---------------------------------------------------------------------------
 # Standalone variables.
 # ---------------------------------------------------------------------------
+
+
+def _local_fallback_sharding() -> jax.sharding.Sharding:
+  """Where a target-less restore puts arrays whose saved sharding names devices that do not
+  exist here: a checkpoint written by several hosts (a TPU pod slice, --multihost) read on
+  one machine, e.g. by --mode eval. orbax otherwise refuses with 'Topology mismatch'."""
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _plain(tree):
@@ -312,8 +322,9 @@ def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = Fa
                        'Use a checkpoint of this model, or set the model fields to the '
                        "checkpoint's values.")
   if (directory / VARIABLES_DIR).is_dir():
-    with ocp.StandardCheckpointer() as checkpointer:
-      variables = checkpointer.restore(directory / VARIABLES_DIR)
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+      variables = checkpointer.restore(directory / VARIABLES_DIR, args=ocp.args.StandardRestore(
+          fallback_sharding=_local_fallback_sharding()))
   else:
     checkpointer = _workdir_checkpointer(directory)
     state = checkpointer.restore_raw_state(checkpointer.latest_step())

@@ -652,9 +652,10 @@ class TrainIterator:
   ``get_state()`` returns a JSON-serialisable dict; ``set_state(state)`` on an
   iterator built from the same data settings continues with exactly the
   batches that would have followed. The state also records the data settings
-  and raises DataError when they differ. If only the process layout
-  (process_count, process_index, worker_count) changed, the state is applied by
-  step count, which needs ``data.worker_count = 0`` on the resuming side.
+  and raises DataError when they differ. A state from another process of the
+  same layout applies as it is (multi-host checkpoints store process 0's). If
+  the process or worker count changed, the state is applied by step count,
+  which needs ``data.worker_count = 0`` on the resuming side.
   """
 
   def __init__(self, dataset: grain.IterDataset, pipeline: dict, layout: dict,
@@ -714,7 +715,10 @@ class TrainIterator:
           f'(field: (checkpoint, now)) {diff}; resume with the settings of the '
           'checkpoint, or start the data stream afresh')
     step = int(state['step'])
-    if _json_normalise(state['layout']) == self._layout:
+    # Checkpoints hold process 0's state only (orbax writes JSON items on the primary
+    # host). Every process runs the same pipeline structure in lockstep, so its grain
+    # state equals process 0's whenever process and worker counts match.
+    if _same_layout_but_process(state['layout'], self._layout):
       self._iterator.set_state(state['grain'])
     elif self._layout['worker_count'] == 0:
       self._iterator.set_state({'next_index': step})
@@ -734,6 +738,14 @@ class TrainIterator:
 
 def _json_normalise(value):
   return json.loads(json.dumps(value))
+
+
+def _same_layout_but_process(a: dict, b: dict) -> bool:
+  """Layouts equal apart from process_index."""
+  a, b = _json_normalise(a), _json_normalise(b)
+  a.pop('process_index', None)
+  b.pop('process_index', None)
+  return a == b
 
 
 def state_to_json(state: dict) -> str:

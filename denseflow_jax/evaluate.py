@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -228,21 +228,26 @@ def _sample_batch(model: DenseFlow, variables, keys, temperature):
   return dequantization_inverse(y, model.spec.num_bits)
 
 
-def sample_images(model: DenseFlow, variables, key, num: int, temperature: float = 1.0,
-                  batch_size: int = 256) -> np.ndarray:
-  """`num` samples, uint8 [num, H, W, C] in 0..2^bits-1; image n uses fold_in(key, n).
-
-  One compiled sampler per batch size: the last batch is filled up with extra
-  draws and trimmed. `temperature` is traced, so changing it does not recompile.
-  """
+def iterate_samples(model: DenseFlow, variables, key, num: int, temperature: float = 1.0,
+                    batch_size: int = 256) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """Batches (uint8 images [b, H, W, C], valid [b]) of `num` samples; image n uses
+  fold_in(key, n). Every batch has the same size, so one compiled sampler serves them
+  all: the last one is filled up with extra draws that `valid` marks False.
+  `temperature` is traced, so changing it does not recompile."""
   if num < 1 or batch_size < 1:
     raise ValueError(f'num and batch_size must be positive, got {num}, {batch_size}')
   size = min(int(batch_size), int(num))
-  out = []
   for start in range(0, num, size):
     keys = jax.vmap(lambda n: jax.random.fold_in(key, n))(start + jnp.arange(size))
-    out.append(np.asarray(_sample_batch(model, variables, keys, jnp.float32(temperature))))
-  return np.concatenate(out)[:num]
+    images = np.asarray(_sample_batch(model, variables, keys, jnp.float32(temperature)))
+    yield images, start + np.arange(size) < num
+
+
+def sample_images(model: DenseFlow, variables, key, num: int, temperature: float = 1.0,
+                  batch_size: int = 256) -> np.ndarray:
+  """`num` samples, uint8 [num, H, W, C] in 0..2^bits-1; image n uses fold_in(key, n)."""
+  batches = iterate_samples(model, variables, key, num, temperature, batch_size)
+  return np.concatenate([images[valid] for images, valid in batches])
 
 
 def to_display(images, num_bits: int) -> np.ndarray:

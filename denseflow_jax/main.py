@@ -2,9 +2,12 @@
 
     python -m denseflow_jax.main --config configs/cifar10.py --workdir runs/c10 [--mode train]
 
-Modes: train (default), eval, sample, summary. Any config field can be
+Modes: train (default), eval, sample, summary, interpolate, reconstruct, sweep, fid
+(denseflow_jax/modes.py). Any config field can be
 overridden, e.g. --config.train.batch_size=128 --config.eval.k=1000;
 --config.checkpoint=DIR runs any mode from a converted official checkpoint.
+--multihost (one process per host: TPU pod slices, several GPU hosts; see README.md,
+"Multi-host") calls jax.distributed.initialize() first.
 """
 import os
 import shlex
@@ -20,10 +23,22 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'summary'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'summary', 'interpolate',
+                                            'reconstruct', 'sweep', 'fid'], 'What to run.')
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False, 'Call jax.distributed.initialize() first: one process per host of a TPU '
-    'pod slice or per GPU host (the coordinator is found from the environment).')
+    'pod slice or per GPU host. On Cloud TPU, SLURM, Open MPI and Kubernetes jobs JAX finds '
+    'the coordinator, process count and process id itself; elsewhere pass the three flags '
+    'below (or set JAX_COORDINATOR_ADDRESS and pass the other two).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'With --multihost: HOST:PORT of process 0, reachable from every '
+    'host (default: $JAX_COORDINATOR_ADDRESS or auto-detected).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'With --multihost: the number of processes (default: auto-detected).',
+    lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'With --multihost: this process, 0 .. num_processes - 1 (default: '
+    'auto-detected).', lower_bound=0)
 
 
 def main(argv):
@@ -33,16 +48,25 @@ def main(argv):
   from denseflow_jax import modes
   from denseflow_jax.checkpoint import CheckpointError
   from denseflow_jax.data import DataError
+  from denseflow_jax.fid import FIDError
   from denseflow_jax.spec import ConfigError
   from denseflow_jax.train import NonFiniteError
   from denseflow_jax.train import TrainingInterrupted
   logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
   if _MULTIHOST.value:
     import jax
-    jax.distributed.initialize()
+    # None lets JAX auto-detect (TPU metadata, SLURM, Open MPI, Kubernetes) or read
+    # $JAX_COORDINATOR_ADDRESS; it reads no environment variable for the other two.
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif any(f.present for f in (flags.FLAGS['coordinator_address'], flags.FLAGS['num_processes'],
+                               flags.FLAGS['process_id'])):
+    raise app.UsageError('--coordinator_address, --num_processes and --process_id need '
+                         '--multihost; add it (or drop them for a single-host run)')
   try:
     modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:   # the message says the fix
+  except (ConfigError, DataError, CheckpointError, NonFiniteError, FIDError) as e:
+    # The message names the problem and the fix: one line, no traceback.
     raise SystemExit(f'error: {e}') from None
   except TrainingInterrupted as e:   # SIGTERM / Ctrl-C: checkpointed, say how to resume
     command = ' '.join(shlex.quote(a) for a in [os.path.basename(sys.executable), '-m',

@@ -75,6 +75,33 @@ def sample(config, workdir):
   return images
 
 
+def interpolate(config, workdir):
+  """Latent interpolation between pairs of test images -> WORKDIR/latent/ (latent_tools)."""
+  from denseflow_jax import latent_tools
+  return latent_tools.interpolate(config, workdir, _model_and_variables)
+
+
+def reconstruct(config, workdir):
+  """Test images next to inverse(encode(x)) and the largest error -> WORKDIR/latent/."""
+  from denseflow_jax import latent_tools
+  return latent_tools.reconstruct(config, workdir, _model_and_variables)
+
+
+def sweep(config, workdir):
+  """Samples at config.latent.temperatures (0 included), same noise per column."""
+  from denseflow_jax import latent_tools
+  return latent_tools.sweep(config, workdir, _model_and_variables)
+
+
+def fid(config, workdir):
+  """FID of config.fid.num_samples samples against each of config.fid.splits (the data
+  statistics are cached); writes WORKDIR/fid_T<temperature>_n<num>.json."""
+  from denseflow_jax import fid as fid_lib
+  fid_lib.validate_fid_config(config)   # a missing weights file fails before any loading
+  model, variables, source = _model_and_variables(config, workdir)
+  return fid_lib.run_fid(config, workdir, model=model, variables=variables, checkpoint=source)
+
+
 def train(config, workdir):
   """The official recipe with periodic test bits/dim (one-sample bound) and sample grids."""
   import jax
@@ -117,7 +144,8 @@ def check_workdir_writable(workdir):
                       f'{existing}; choose another --workdir or fix the permissions')
 
 
-MODES = {'train': train, 'eval': evaluate, 'sample': sample, 'summary': summary}
+MODES = {'train': train, 'eval': evaluate, 'sample': sample, 'summary': summary,
+         'interpolate': interpolate, 'reconstruct': reconstruct, 'sweep': sweep, 'fid': fid}
 
 
 def run(mode: str, config, workdir):

@@ -15,7 +15,11 @@ fresh noise). The RNG is never stored: step n uses ``fold_in(base_key, n)``
 Data parallelism: a 1-D mesh over all devices (axis 'data'); the global batch is
 sharded on its first axis, the state is replicated; XLA inserts the gradient
 all-reduce, and BatchNorm / ActNorm-init statistics are over the global batch, so
-results do not depend on the device count.
+results do not depend on the device count. Several processes (hosts): each reads
+``train.batch_size // process_count`` rows (data.make_train_iterator) and the mesh is
+process-major, so process p's rows are rows [p * b, (p + 1) * b) of the global batch:
+the same global batches, hence the same results up to float rounding, on any number of
+hosts (tests/test_multihost.py).
 
 Non-finite steps: if the loss or any gradient is not finite the update is skipped
 inside the step (params, batch_stats, opt_state and EMA stay bit-identical) and the
@@ -244,9 +248,20 @@ def make_lr_schedule(settings: StepSettings) -> Callable[[Any], jax.Array]:
 # ---------------------------------------------------------------------------
 
 
+def process_major(devices) -> list:
+  """``devices`` ordered by (process_index, id): each process's devices form one block, in
+  process order. :func:`global_batch` gives each device the rows of the global batch at its
+  mesh position, so process p's local rows then land at rows [p * b, (p + 1) * b), the rows
+  data.make_train_iterator gives it; with another order (jax.devices() sorts by id, which
+  need not follow the hosts) the rows of the global batch would be permuted, and with them
+  each row's noise, making results depend on the host layout."""
+  return sorted(devices, key=lambda d: (d.process_index, d.id))
+
+
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """1-D data-parallel mesh (Auto axis: jax.make_mesh would default to Explicit)."""
-  devices = jax.devices() if devices is None else devices
+  """1-D data-parallel mesh over all devices, process-major (:func:`process_major`). Auto
+  axis: jax.make_mesh would default to Explicit."""
+  devices = process_major(jax.devices()) if devices is None else devices
   return jax.sharding.Mesh(np.asarray(devices), ('data',))
 
 

@@ -1,0 +1,328 @@
+"""Latent tools: interpolation between test images, reconstructions, temperature sweeps.
+
+Encoding uint8 images x with one noise draw (`DenseFlow.encode`):
+
+    y = dequantize(x, u)                          continuous image in [0, 1)
+    (z, d_1, ..., d_{n-1}) = flow(y, e)           final latent, dropped halves (data side first)
+
+The cross-unit noise e is appended inside the blocks and `DenseFlow.inverse` drops it
+again, so the latent alone determines the image:
+
+    y = inverse(z, d),      x = clip(floor(2^bits y), 0, 2^bits - 1)   (dequantization_inverse)
+
+Row r of a batch is encoded with noise `draw_noise(spec, fold_in(fold_in(key, 0), r), 1)`
+(`evaluate.row_noise` of `evaluate.sample_keys(key, [0], B)`), key = PRNGKey(config.seed).
+
+Interpolation between images a and b at t_j = j / (steps - 1), j = 0 .. steps - 1, with
+weights (w_a, w_b) applied to the final latent AND every dropped half:
+
+    linear:  w_a = 1 - t,                    w_b = t
+    slerp:   w_a = sin((1 - t) W) / sin W,   w_b = sin(t W) / sin W,
+             cos W = <s_a, s_b> / (|s_a| |s_b|)
+
+s is the whole latent standardised by the prior, s = [(z - loc) / exp(log_scale), d_1, ...]
+(the dropped halves are N(0, I) already), so slerp runs on N(0, I) vectors; back in
+latent units
+
+    z_t = w_a z_a + w_b z_b + (1 - w_a - w_b) loc,      d_t = w_a d_a + w_b d_b
+
+(for linear weights the loc term vanishes: both are the same interpolation). At t = 0
+and t = 1 the weights are exactly (1, 0) and (0, 1), so the end points decode to the
+encoded images up to the flow's float32 reconstruction error.
+"""
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from denseflow_jax import data, evaluate
+from denseflow_jax.files import atomic_write, write_json_atomic
+from denseflow_jax.flows.dequantization import dequantization_inverse
+from denseflow_jax.model import DenseFlow
+from denseflow_jax.spec import ConfigError
+
+METHODS = ('linear', 'slerp')
+LATENT_DIR = 'latent'
+# Below this sin W the two latents are (anti)parallel: slerp is then linear or undefined.
+SLERP_MIN_SIN = 1e-6
+
+LoadModel = Callable   # (config, workdir) -> (model, variables, checkpoint source)
+
+
+# ---------------------------------------------------------------- settings
+
+def _latent(config):
+  if 'latent' not in config:
+    raise ConfigError('the config has no `latent` section; build it on configs/default.py, '
+                      'which defines latent.num_pairs, steps, method, indices, num_images, '
+                      'temperatures and num_per_row')
+  return config.latent
+
+
+def _int(name, value, minimum):
+  try:
+    number = int(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f'latent.{name} must be an integer, got {value!r}') from None
+  if number != value or number < minimum:
+    raise ConfigError(f'latent.{name} must be an integer >= {minimum}, got {value!r}')
+  return number
+
+
+def _test_split(config):
+  return data.load_split(config.data, 'test', image_shape=config.model.image_shape,
+                         num_bits=config.model.get('num_bits', None))
+
+
+def _check_indices(indices, size, what, fix):
+  bad = [i for i in indices if not 0 <= i < size]
+  if bad:
+    raise ConfigError(f'{what}: indices {bad} are not in the test split, which has {size} '
+                      f'images (valid: 0..{size - 1}); {fix}')
+
+
+def interpolation_settings(config, num_test: int):
+  """Validated (pairs [P, 2] of test indices, steps, method) of `config.latent`.
+
+  Pairs come from latent.indices when set ((i0, i1), (i2, i3), ...; latent.num_pairs is
+  then not used), else from the first 2 * latent.num_pairs test images."""
+  latent = _latent(config)
+  steps = _int('steps', latent.steps, 2)
+  method = latent.method
+  if method not in METHODS:
+    raise ConfigError(f'latent.method must be one of {METHODS}, got {method!r}')
+  indices = tuple(latent.indices)
+  if indices:
+    indices = tuple(_int('indices', i, 0) for i in indices)
+    if len(indices) % 2:
+      raise ConfigError(f'latent.indices must hold pairs of test indices (an even number), '
+                        f'got {len(indices)}: {indices}')
+    _check_indices(indices, num_test, 'latent.indices', 'choose indices in that range')
+  else:
+    num_pairs = _int('num_pairs', latent.num_pairs, 1)
+    if 2 * num_pairs > num_test:
+      raise ConfigError(f'latent.num_pairs = {num_pairs} needs {2 * num_pairs} test images but '
+                        f'the test split has {num_test}; set --config.latent.num_pairs='
+                        f'{num_test // 2} or fewer')
+    indices = tuple(range(2 * num_pairs))
+  return np.asarray(indices, np.int64).reshape(-1, 2), steps, method
+
+
+def reconstruct_settings(config, num_test: int):
+  """Validated (num_images, num_per_row) of `config.latent`."""
+  latent = _latent(config)
+  num_images = _int('num_images', latent.num_images, 1)
+  if num_images > num_test:
+    raise ConfigError(f'latent.num_images = {num_images} but the test split has {num_test} '
+                      f'images; set --config.latent.num_images={num_test} or fewer')
+  return num_images, _int('num_per_row', latent.num_per_row, 1)
+
+
+def sweep_settings(config):
+  """Validated (temperatures, num_per_row) of `config.latent`."""
+  latent = _latent(config)
+  try:
+    temperatures = tuple(float(t) for t in latent.temperatures)
+  except (TypeError, ValueError):
+    raise ConfigError(f'latent.temperatures must be a list of numbers, got '
+                      f'{latent.temperatures!r}') from None
+  if not temperatures:
+    raise ConfigError('latent.temperatures is empty; give at least one, e.g. (0.0, 0.5, 1.0)')
+  bad = [t for t in temperatures if not (np.isfinite(t) and t >= 0)]
+  if bad:
+    raise ConfigError(f'latent.temperatures must be finite and >= 0 (0 is the mode, 1 the '
+                      f'model), got {bad}')
+  return temperatures, _int('num_per_row', latent.num_per_row, 1)
+
+
+# ---------------------------------------------------------------- encode / decode
+
+@jax.jit(static_argnums=0)
+def _encode(model: DenseFlow, variables, x, key):
+  noise = evaluate.row_noise(model.spec, evaluate.sample_keys(key, jnp.arange(1), x.shape[0]))
+  y, z, dropped, _ = model.apply(variables, x, noise, method=DenseFlow.encode)
+  return y, z, dropped
+
+
+@jax.jit(static_argnums=0)
+def _decode(model: DenseFlow, variables, z, dropped):
+  return model.apply(variables, z, dropped, method=DenseFlow.inverse)
+
+
+def encode(model: DenseFlow, variables, x, key):
+  """uint8 [B, H, W, C] -> (y [B, H, W, C], z, [dropped halves]) as float64 numpy,
+  row r with the noise of key fold_in(fold_in(key, 0), r) (module docstring)."""
+  y, z, dropped = _encode(model, variables, jnp.asarray(x), key)
+  return (np.asarray(y, np.float64), np.asarray(z, np.float64),
+          [np.asarray(d, np.float64) for d in dropped])
+
+
+def decode(model: DenseFlow, variables, z, dropped):
+  """Latent and dropped halves -> (continuous images float32, uint8 images) as numpy."""
+  y = _decode(model, variables, jnp.asarray(z, jnp.float32),
+              [jnp.asarray(d, jnp.float32) for d in dropped])
+  return np.asarray(y), np.asarray(dequantization_inverse(y, model.spec.num_bits))
+
+
+def prior_loc_scale(model: DenseFlow, variables):
+  """(loc, exp(log_scale)) [C] of the learned prior on the final latent, float64."""
+  loc, log_scale = model.apply(variables, method=lambda m: (m.prior.loc, m.prior.log_scale))
+  return np.asarray(loc, np.float64), np.exp(np.asarray(log_scale, np.float64))
+
+
+# ---------------------------------------------------------------- interpolation maths
+
+def interpolation_weights(a, b, steps: int, method: str):
+  """(w_a, w_b) [steps], float64, for standardised latents a, b (any shape).
+
+  Linear: (1 - t, t). Slerp: sin((1 - t) W) / sin W, sin(t W) / sin W with W the angle
+  between a and b; linear where sin W < SLERP_MIN_SIN ((anti)parallel latents)."""
+  t = np.linspace(0.0, 1.0, steps)
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+  a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+  if method == 'slerp':
+    cos = np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))
+    if np.sin(omega) >= SLERP_MIN_SIN:
+      return np.sin((1.0 - t) * omega) / np.sin(omega), np.sin(t * omega) / np.sin(omega)
+  return 1.0 - t, t
+
+
+def interpolate_latents(z, dropped, pairs, steps: int, method: str, loc, scale):
+  """Latents [P * steps, ...] (pair-major) between rows pairs[p, 0] and pairs[p, 1] of
+  (z, dropped), and the weights [P, steps, 2] (module docstring)."""
+  zs, ds, weights = [], [[] for _ in dropped], []
+  for a, b in pairs:
+    def standard(r):
+      return np.concatenate([((z[r] - loc) / scale).ravel()] + [d[r].ravel() for d in dropped])
+    w_a, w_b = interpolation_weights(standard(a), standard(b), steps, method)
+    weights.append(np.stack([w_a, w_b], -1))
+    w_a, w_b = w_a[:, None, None, None], w_b[:, None, None, None]
+    # w_a z_a + w_b z_b + (1 - w_a - w_b) loc: exactly z_a at (1, 0) and z_b at (0, 1).
+    zs.append(w_a * z[a] + w_b * z[b] + (1.0 - w_a - w_b) * loc)
+    for out, d in zip(ds, dropped):
+      out.append(w_a * d[a] + w_b * d[b])
+  return np.concatenate(zs), [np.concatenate(d) for d in ds], np.stack(weights)
+
+
+# ---------------------------------------------------------------- files
+
+def _out_dir(workdir):
+  path = os.path.join(os.fspath(workdir), LATENT_DIR)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def _save_npz(path, **arrays):
+  atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+# ---------------------------------------------------------------- modes
+
+def interpolate(config, workdir, load_model: LoadModel):
+  """Interpolates between pairs of test images -> WORKDIR/latent/interpolate_<method>.png
+  (one row per pair, `steps` columns from image a to image b) and .npz with images
+  (uint8 [P, steps, H, W, C]), continuous ([0, 1) float32, same shape), originals
+  ([P, 2, H, W, C]), indices [P, 2], t [steps], weights [P, steps, 2] and method.
+  Returns the uint8 images."""
+  source = _test_split(config)
+  pairs, steps, method = interpolation_settings(config, len(source))
+  model, variables, _ = load_model(config, workdir)
+  originals = np.stack([source[int(i)] for i in pairs.ravel()])
+  start = time.perf_counter()
+  _, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(config.seed))
+  loc, scale = prior_loc_scale(model, variables)
+  z_t, dropped_t, weights = interpolate_latents(z, dropped, np.arange(pairs.size).reshape(-1, 2),
+                                                steps, method, loc, scale)
+  continuous, images = decode(model, variables, z_t, dropped_t)
+  seconds = time.perf_counter() - start
+  shape = (len(pairs), steps, *images.shape[1:])
+  images, continuous = images.reshape(shape), continuous.reshape(shape)
+  originals = originals.reshape(len(pairs), 2, *originals.shape[1:])
+
+  stem = os.path.join(_out_dir(workdir), f'interpolate_{method}')
+  evaluate.save_sample_grid(stem + '.png', images.reshape(-1, *shape[2:]), model.spec.num_bits,
+                            ncols=steps)
+  _save_npz(stem + '.npz', images=images, continuous=continuous, originals=originals,
+            indices=pairs, t=np.linspace(0.0, 1.0, steps), weights=weights,
+            method=np.array(method))
+  ends = np.abs(images[:, [0, -1]].astype(np.int64) - originals.astype(np.int64))
+  print(f'{len(pairs)} pairs x {steps} steps ({method}) in {seconds:.2f} s (including '
+        f'compilation); end points vs originals: max {int(ends.max())} levels, '
+        f'{int(np.count_nonzero(ends))} values differ -> {stem}.png, {stem}.npz')
+  return images
+
+
+def _alternating_rows(originals, reconstructions, per_row: int, num_bits: int):
+  """Tiles for a grid of `per_row` columns: row 2r = originals r*n..(r+1)*n-1, row 2r+1
+  their reconstructions; a short last chunk is filled with white (blank) tiles."""
+  blank = np.full((1, *originals.shape[1:]), 2 ** num_bits - 1, np.uint8)
+  tiles = []
+  for start in range(0, len(originals), per_row):
+    for images in (originals, reconstructions):
+      chunk = images[start:start + per_row]
+      tiles += [chunk, np.repeat(blank, per_row - len(chunk), axis=0)]
+  return np.concatenate(tiles)
+
+
+def reconstruct(config, workdir, load_model: LoadModel):
+  """The first latent.num_images test images and inverse(encode(x)) -> WORKDIR/latent/
+  reconstruct.png (rows alternate: originals, then their reconstructions below them,
+  latent.num_per_row per row), reconstruct.npz (originals, reconstructions uint8;
+  continuous, continuous_reconstructed float32 [0, 1)) and reconstruct.json with the
+  maximum absolute error in uint8 levels and in continuous units and how many values
+  (and pixels: any channel) differ. Returns the JSON dict."""
+  source = _test_split(config)
+  num_images, per_row = reconstruct_settings(config, len(source))
+  model, variables, checkpoint = load_model(config, workdir)
+  originals = np.stack([source[i] for i in range(num_images)])
+  y, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(config.seed))
+  y_rec, reconstructions = decode(model, variables, z, dropped)
+  diff = np.abs(originals.astype(np.int64) - reconstructions.astype(np.int64))
+  result = {
+      'num_images': num_images,
+      'max_abs_error_levels': int(diff.max()),
+      'max_abs_error_continuous': float(np.max(np.abs(y_rec.astype(np.float64) - y))),
+      'num_values_differ': int(np.count_nonzero(diff)),
+      'num_values': int(diff.size),
+      'num_pixels_differ': int(np.count_nonzero(diff.max(axis=-1))),
+      'num_pixels': int(diff[..., 0].size),
+      'checkpoint': os.fspath(checkpoint),
+  }
+  out = _out_dir(workdir)
+  ncols = min(per_row, num_images)
+  evaluate.save_sample_grid(
+      os.path.join(out, 'reconstruct.png'),
+      _alternating_rows(originals, reconstructions, ncols, model.spec.num_bits),
+      model.spec.num_bits, ncols=ncols)
+  _save_npz(os.path.join(out, 'reconstruct.npz'), originals=originals,
+            reconstructions=reconstructions, continuous=y.astype(np.float32),
+            continuous_reconstructed=y_rec)
+  write_json_atomic(os.path.join(out, 'reconstruct.json'), result)
+  print(f'reconstruction of {num_images} test images: max error {result["max_abs_error_levels"]} '
+        f'levels, {result["max_abs_error_continuous"]:.3g} continuous; '
+        f'{result["num_pixels_differ"]} of {result["num_pixels"]} pixels differ -> {out}/'
+        'reconstruct.{png,npz,json}')
+  return result
+
+
+def sweep(config, workdir, load_model: LoadModel):
+  """`evaluate.temperature_sweep_grid`: row t at latent.temperatures[t] (0 = the mode of
+  every latent, so that row is one image repeated), column n with the noise of
+  fold_in(PRNGKey(seed), n) in every row (the row at T = 1 is `--mode sample`'s first
+  images) -> WORKDIR/latent/temperature_sweep.png and .npz (images [T, n, H, W, C],
+  temperatures). Returns the images [T * n, H, W, C]."""
+  temperatures, per_row = sweep_settings(config)
+  model, variables, _ = load_model(config, workdir)
+  stem = os.path.join(_out_dir(workdir), 'temperature_sweep')
+  images = evaluate.temperature_sweep_grid(model, variables, jax.random.PRNGKey(config.seed),
+                                           stem + '.png', temperatures, per_row,
+                                           batch_size=config.sample.batch_size)
+  _save_npz(stem + '.npz', images=images.reshape(len(temperatures), per_row, *images.shape[1:]),
+            temperatures=np.asarray(temperatures))
+  print(f'temperatures {temperatures} x {per_row} samples -> {stem}.png, {stem}.npz')
+  return images
