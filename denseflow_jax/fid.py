@@ -176,11 +176,15 @@ def _add(stats, features, mask, bar):
 def stats_cache_path(stats_dir, data_config, split: str, image_shape, num_bits: int,
                      feature_id: str) -> str:
   """`stats_dir/<dataset>_<split>_<H>x<W>x<C>[_<bits>bit]_<feature_id>.npz`; a file data set
-  ('npz', 'folder') adds a digest of its path."""
+  ('npz', 'folder') adds a digest of its path, size and modification time, so that
+  statistics of a replaced file are never reused."""
   name = data_config.get('dataset', '')
   source = data_config.get('source', '')
   if source:
-    name += '-' + hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:8]
+    path = os.path.abspath(source)
+    stat = os.stat(path) if os.path.exists(path) else None
+    identity = f'{path}|{stat.st_size}|{stat.st_mtime_ns}' if stat else path
+    name += '-' + hashlib.sha256(identity.encode()).hexdigest()[:8]
   parts = [name, split, 'x'.join(str(int(d)) for d in image_shape)]
   if int(num_bits) != 8:
     parts.append(f'{int(num_bits)}bit')

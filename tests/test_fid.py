@@ -113,16 +113,35 @@ def test_inception_shapes_and_parameter_count():
   assert shapes['batch_stats/Mixed_5b/branch_pool/bn/var'] == (32,)
 
 
-def test_preprocess_matches_torch_interpolate_and_tiles_grey():
-  torch = pytest.importorskip('torch')
+def _bilinear_half_pixel(images, size):
+  """Bilinear resize with half-pixel centres and edge clamping (torch
+  F.interpolate(mode='bilinear', align_corners=False) when upsampling), float64 numpy."""
+  def axis_weights(n_in):
+    src = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = np.zeros((size, n_in))
+    np.add.at(w, (np.arange(size), lo), 1 - (src - lo))
+    np.add.at(w, (np.arange(size), hi), src - lo)
+    return w
+  x = np.asarray(images, np.float64)
+  return np.einsum('ph,qw,bhwc->bpqc', axis_weights(x.shape[1]), axis_weights(x.shape[2]), x)
+
+
+def test_preprocess_is_half_pixel_bilinear_to_minus_one_one_and_tiles_grey():
   preprocess = jax.jit(inception.preprocess)   # one compile beats ~100 ops run eagerly
   images = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   ours = np.asarray(preprocess(images))
+  np.testing.assert_allclose(ours, _bilinear_half_pixel(images / 255, 299) * 2 - 1, atol=1e-5)
+  grey = images[..., :1]
+  np.testing.assert_array_equal(preprocess(grey), preprocess(np.repeat(grey, 3, axis=-1)))
+  try:
+    import torch
+  except ImportError:
+    return   # the closed form above is the check; torch is a second opinion
   x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255
   x = torch.nn.functional.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
   np.testing.assert_allclose(ours, (2 * x - 1).permute(0, 2, 3, 1).numpy(), atol=1e-5)
-  grey = images[..., :1]
-  np.testing.assert_array_equal(preprocess(grey), preprocess(np.repeat(grey, 3, axis=-1)))
 
 
 def torch_fid_inception(sd, images, size):
@@ -186,8 +205,9 @@ def torch_fid_inception(sd, images, size):
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
   """A synthetic pytorch-fid state dict (torch layout, random values, the extra keys the
-  release has) saved as .pth, and its conversion."""
-  torch = pytest.importorskip('torch')
+  release has) and its conversion by the CLI: from a .pth where PyTorch is installed,
+  else from the .npz form the converter also reads (so CI without torch still checks
+  the conversion and the loader's errors)."""
   rng = np.random.default_rng(5)
   sd = {}
   for key, shape in inception.expected_shapes().items():
@@ -205,12 +225,16 @@ def converted(tmp_path_factory):
       if leaf == 'var':
         sd[f'{name}.num_batches_tracked'] = np.array(0)
   sd['fc.weight'], sd['fc.bias'] = rng.normal(size=(1008, 2048)), np.zeros(1008)
-  sd = {k: torch.from_numpy(np.asarray(v, np.float32 if v.dtype.kind == 'f' else np.int64))
-        for k, v in sd.items()}
+  sd = {k: np.asarray(v, np.float32 if v.dtype.kind == 'f' else np.int64) for k, v in sd.items()}
   folder = tmp_path_factory.mktemp('inception')
-  torch.save(sd, folder / inception.WEIGHTS_FILE)
-  inception.main(['--convert', str(folder / inception.WEIGHTS_FILE),
-                  '--out', str(folder / 'inception_fid.npz')])
+  try:
+    import torch
+    source = folder / inception.WEIGHTS_FILE
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, source)
+  except ImportError:
+    source = folder / 'state_dict.npz'
+    np.savez(source, **sd)
+  inception.main(['--convert', str(source), '--out', str(folder / 'inception_fid.npz')])
   return sd, folder / 'inception_fid.npz'
 
 
@@ -220,13 +244,15 @@ def test_converted_weights_round_trip(converted):
   kernel = variables['params']['Mixed_6b']['branch7x7_2']['conv']['kernel']   # [1, 7, 128, 128]
   np.testing.assert_array_equal(kernel[0, 5, 3, 9], sd['Mixed_6b.branch7x7_2.conv.weight'][9, 3, 0, 5])
   bn = variables['batch_stats']['Conv2d_1a_3x3']['bn']
-  np.testing.assert_array_equal(bn['var'], sd['Conv2d_1a_3x3.bn.running_var'].numpy())
+  np.testing.assert_array_equal(bn['var'], sd['Conv2d_1a_3x3.bn.running_var'])
   np.testing.assert_array_equal(variables['params']['Mixed_7c']['branch_pool']['bn']['scale'],
-                                sd['Mixed_7c.branch_pool.bn.weight'].numpy())
+                                sd['Mixed_7c.branch_pool.bn.weight'])
 
 
 def test_inception_features_match_torch_reference(converted):
+  torch = pytest.importorskip('torch')
   sd, npz = converted
+  sd = {k: torch.from_numpy(v) for k, v in sd.items()}
   images = np.random.default_rng(6).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
   ours = np.asarray(inception.make_feature_fn(npz, input_size=75)(images))
   theirs = torch_fid_inception(sd, images, 75)
@@ -248,10 +274,11 @@ def test_weights_errors_name_the_file_and_the_fix(converted, tmp_path):
   with pytest.raises(inception.InceptionWeightsError, match=r'nowhere\.npz does not exist.*'
                      r'pytorch-fid/releases/download/fid_weights'):
     inception.load_inception_params(tmp_path / 'nowhere.npz')
+  (npz.parent / 'raw.pth').write_bytes(b'not read')
   with pytest.raises(inception.InceptionWeightsError, match='PyTorch file; convert it first'):
-    inception.load_inception_params(npz.parent / inception.WEIGHTS_FILE)
+    inception.load_inception_params(npz.parent / 'raw.pth')
   # torchvision's ImageNet InceptionV3 (1000 classes) is a different network.
-  state = {k: v.numpy() for k, v in sd.items()}
+  state = dict(sd)
   state['fc.weight'] = np.zeros((1000, 2048), np.float32)
   with pytest.raises(inception.InceptionWeightsError, match="torchvision's ImageNet"):
     inception.convert_state_dict(state)

@@ -43,7 +43,7 @@ from denseflow_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / 'tests' / 'multihost_worker.py'
-WORKER_TIMEOUT_S = 240
+WORKER_TIMEOUT_S = 480   # ~40 s alone; generous because pytest-xdist workers share the cores
 RELATIVE_TOLERANCE = 2e-5
 
 
@@ -188,3 +188,10 @@ def test_mesh_is_process_major():
                                                         (2, 4), (2, 5)]
   mesh = train.make_mesh()
   assert list(mesh.devices) == sorted(jax.devices(), key=lambda d: d.id)   # one process
+
+
+def test_make_mesh_orders_devices_process_major(monkeypatch):
+  """make_mesh must go through process_major (with one process the ids are already in
+  order, so only this check catches a make_mesh that stops calling it)."""
+  monkeypatch.setattr(train, 'process_major', lambda devices: list(reversed(devices)))
+  assert list(train.make_mesh().devices) == list(reversed(jax.devices()))
