@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import numpy as np

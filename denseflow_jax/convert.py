@@ -13,13 +13,11 @@ Buffers that our code derives from the config (ActNorm `initialized`,
 `ldj_per_dim`, the shift of the [-0.5, 0.5] mapping, the sigmoid temperature,
 `num_batches_tracked`) are not copied.
 """
-import argparse
 import re
 import sys
 from typing import Dict, Mapping, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from denseflow_jax.spec import ModelSpec

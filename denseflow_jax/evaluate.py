@@ -20,7 +20,6 @@ Samples likewise use `fold_in(key, n)` for image n, so they do not depend on the
 sampling batch size, and the same key at several temperatures gives the same
 noise (`temperature_sweep_grid`).
 """
-import json
 import math
 import os
 import time
@@ -33,7 +32,7 @@ from PIL import Image
 import tqdm
 
 from denseflow_jax import data
-from denseflow_jax.files import atomic_write
+from denseflow_jax.files import atomic_write, write_json_atomic, write_npz_atomic
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, draw_sample_noise
 
@@ -189,10 +188,24 @@ def evaluate_dataset(model: DenseFlow, variables, config, key, k: Optional[int] 
 
 
 @jax.jit(static_argnums=0)
-def _reconstruction_error(model: DenseFlow, variables, x, key):
+def encode_batch(model: DenseFlow, variables, x, key):
+  """uint8 [B, H, W, C] -> (dequantized y in [0, 1), final latent z, [dropped halves]),
+  evaluation mode; row r with the noise of `log_prob_fn` (key: one key or one per row)."""
   noise = row_noise(model.spec, _row_keys(key, x.shape[0]))
   y, z, dropped, _ = model.apply(variables, x, noise, method=DenseFlow.encode)
-  return jnp.max(jnp.abs(model.apply(variables, z, dropped, method=DenseFlow.inverse) - y))
+  return y, z, dropped
+
+
+@jax.jit(static_argnums=0)
+def decode_batch(model: DenseFlow, variables, z, dropped):
+  """Final latent and dropped halves -> continuous images in [0, 1) (`DenseFlow.inverse`)."""
+  return model.apply(variables, z, dropped, method=DenseFlow.inverse)
+
+
+@jax.jit(static_argnums=0)
+def _reconstruction_error(model: DenseFlow, variables, x, key):
+  y, z, dropped = encode_batch(model, variables, x, key)
+  return jnp.max(jnp.abs(decode_batch(model, variables, z, dropped) - y))
 
 
 def reconstruction_error(model: DenseFlow, variables, x, key) -> float:
@@ -203,19 +216,10 @@ def reconstruction_error(model: DenseFlow, variables, x, key) -> float:
 
 # ---------------------------------------------------------------- files
 
-def _json_default(value):
-  if isinstance(value, (np.generic, jax.Array)) and np.ndim(value) == 0:
-    return np.asarray(value).item()
-  if isinstance(value, (np.ndarray, jax.Array)):
-    return np.asarray(value).tolist()
-  raise TypeError(f'{type(value).__name__} is not JSON serialisable')
-
-
 def write_eval_json(workdir, result: Dict[str, Any], name: str = 'eval') -> str:
   """Writes `workdir/eval_<name>.json` atomically; returns its path."""
-  text = json.dumps(result, indent=2, sort_keys=True, default=_json_default) + '\n'
   path = os.path.join(os.fspath(workdir), f'eval_{name}.json')
-  atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+  write_json_atomic(path, result)
   return path
 
 
@@ -289,9 +293,8 @@ def save_sample_grid(path_png, images, num_bits: int = 8, ncols: Optional[int] =
 
 def save_samples_npz(path, images, temperature: float, seconds: float):
   """Writes `images` (uint8 [N, H, W, C]), `temperature` and `seconds` to an .npz."""
-  atomic_write(path, lambda f: np.savez(f, images=np.asarray(images),
-                                         temperature=np.float64(temperature),
-                                         seconds=np.float64(seconds)))
+  write_npz_atomic(path, images=np.asarray(images), temperature=np.float64(temperature),
+                   seconds=np.float64(seconds))
 
 
 def temperature_sweep_grid(model: DenseFlow, variables, key, path_png=None,

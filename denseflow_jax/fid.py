@@ -36,7 +36,7 @@ import numpy as np
 import scipy.linalg
 import tqdm
 
-from denseflow_jax.files import atomic_write, write_json_atomic
+from denseflow_jax.files import write_json_atomic, write_npz_atomic
 from denseflow_jax.spec import ConfigError
 
 SINGULAR_EPS = 1e-6
@@ -216,8 +216,8 @@ def dataset_stats(config, split: str, feature_fn: FeatureFn, feature_id: str, st
                  disable=not progress) as bar:
     stats = _feature_stats(batches, feature_fn, num_bits, bar)
   mu, sigma = stats.mean, stats.covariance
-  atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, count=np.int64(stats.count),
-                                        split=split, feature_id=feature_id))
+  write_npz_atomic(path, mu=mu, sigma=sigma, count=np.int64(stats.count), split=split,
+                   feature_id=feature_id)
   print(f'FID statistics of {split!r}: {stats.count} images -> {path}')
   return mu, sigma, stats.count, path, False
 
@@ -233,13 +233,13 @@ def sample_stats(model, variables, key, num: int, temperature: float, batch_size
     return _feature_stats(batches, feature_fn, model.spec.num_bits, bar)
 
 
-def run_fid(config, workdir, *, model=None, variables=None, checkpoint=None,
-            feature_fn: Optional[FeatureFn] = None, feature_id: Optional[str] = None,
-            progress: bool = True) -> Dict[str, Any]:
+def run_fid(config, workdir, load_model: Callable, *, feature_fn: Optional[FeatureFn] = None,
+            feature_id: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
   """FID of config.fid.num_samples samples against each of config.fid.splits; writes
   WORKDIR/fid_T<temperature>_n<num>.json and returns its contents.
 
-  model / variables default to the checkpoint `--mode eval` uses; feature_fn (uint8
+  load_model(config, workdir) -> (model, variables, checkpoint source) runs after the
+  settings are validated (modes passes the loader `--mode eval` uses); feature_fn (uint8
   [B, H, W, C] in 0..255 -> [B, D]) defaults to the FID Inception of
   config.fid.inception_weights, and feature_id (part of the cache names) to its digest.
   """
@@ -253,9 +253,7 @@ def run_fid(config, workdir, *, model=None, variables=None, checkpoint=None,
   else:
     settings = validate_fid_config(config, need_weights=False)
     feature_id = feature_id or 'custom'
-  if model is None or variables is None:
-    from denseflow_jax.modes import _model_and_variables
-    model, variables, checkpoint = _model_and_variables(config, workdir)
+  model, variables, checkpoint = load_model(config, workdir)
   stats_dir = settings['stats_dir'] or os.path.join(os.fspath(workdir), 'fid_stats')
   num, temperature = settings['num_samples'], settings['temperature']
 

@@ -4,6 +4,8 @@ import os
 import tempfile
 from typing import Any, Callable
 
+import numpy as np
+
 
 def atomic_write(path, write: Callable[[Any], None]):
   """`write(binary file)` into a temporary file beside `path`, then os.replace: an
@@ -24,7 +26,21 @@ def atomic_write(path, write: Callable[[Any], None]):
     raise
 
 
+def _json_default(value):
+  """NumPy / JAX scalars and arrays (anything with `__array__`) -> Python numbers / lists."""
+  if hasattr(value, '__array__'):
+    array = np.asarray(value)
+    return array.item() if array.ndim == 0 else array.tolist()
+  raise TypeError(f'{type(value).__name__} is not JSON serialisable')
+
+
 def write_json_atomic(path, data) -> None:
-  """`data` as indented JSON at `path`, atomically (see `atomic_write`)."""
-  text = json.dumps(data, indent=2, sort_keys=True)
+  """`data` as indented JSON at `path`, atomically (see `atomic_write`); NumPy and JAX
+  scalars and arrays are written as numbers and lists."""
+  text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + '\n'
   atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def write_npz_atomic(path, **arrays) -> None:
+  """`np.savez(path, **arrays)`, atomically (see `atomic_write`)."""
+  atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from denseflow_jax.files import atomic_write
+from denseflow_jax.files import write_npz_atomic
 from denseflow_jax.spec import ConfigError
 
 INPUT_SIZE = 299
@@ -383,7 +383,7 @@ def convert_file(src, out) -> int:
   except ConvertError as e:
     raise InceptionWeightsError(str(e)) from None
   flat = convert_state_dict(state_dict)
-  atomic_write(out, lambda f: np.savez(f, **flat))
+  write_npz_atomic(out, **flat)
   return len(flat)
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from denseflow_jax import data, evaluate
-from denseflow_jax.files import atomic_write, write_json_atomic
+from denseflow_jax.files import write_json_atomic, write_npz_atomic
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.spec import ConfigError
@@ -140,30 +140,18 @@ def sweep_settings(config):
 
 # ---------------------------------------------------------------- encode / decode
 
-@jax.jit(static_argnums=0)
-def _encode(model: DenseFlow, variables, x, key):
-  noise = evaluate.row_noise(model.spec, evaluate.sample_keys(key, jnp.arange(1), x.shape[0]))
-  y, z, dropped, _ = model.apply(variables, x, noise, method=DenseFlow.encode)
-  return y, z, dropped
-
-
-@jax.jit(static_argnums=0)
-def _decode(model: DenseFlow, variables, z, dropped):
-  return model.apply(variables, z, dropped, method=DenseFlow.inverse)
-
-
 def encode(model: DenseFlow, variables, x, key):
   """uint8 [B, H, W, C] -> (y [B, H, W, C], z, [dropped halves]) as float64 numpy,
   row r with the noise of key fold_in(fold_in(key, 0), r) (module docstring)."""
-  y, z, dropped = _encode(model, variables, jnp.asarray(x), key)
+  y, z, dropped = evaluate.encode_batch(model, variables, jnp.asarray(x), key)
   return (np.asarray(y, np.float64), np.asarray(z, np.float64),
           [np.asarray(d, np.float64) for d in dropped])
 
 
 def decode(model: DenseFlow, variables, z, dropped):
   """Latent and dropped halves -> (continuous images float32, uint8 images) as numpy."""
-  y = _decode(model, variables, jnp.asarray(z, jnp.float32),
-              [jnp.asarray(d, jnp.float32) for d in dropped])
+  y = evaluate.decode_batch(model, variables, jnp.asarray(z, jnp.float32),
+                            [jnp.asarray(d, jnp.float32) for d in dropped])
   return np.asarray(y), np.asarray(dequantization_inverse(y, model.spec.num_bits))
 
 
@@ -217,10 +205,6 @@ def _out_dir(workdir):
   return path
 
 
-def _save_npz(path, **arrays):
-  atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
 # ---------------------------------------------------------------- modes
 
 def interpolate(config, workdir, load_model: LoadModel):
@@ -247,9 +231,9 @@ def interpolate(config, workdir, load_model: LoadModel):
   stem = os.path.join(_out_dir(workdir), f'interpolate_{method}')
   evaluate.save_sample_grid(stem + '.png', images.reshape(-1, *shape[2:]), model.spec.num_bits,
                             ncols=steps)
-  _save_npz(stem + '.npz', images=images, continuous=continuous, originals=originals,
-            indices=pairs, t=np.linspace(0.0, 1.0, steps), weights=weights,
-            method=np.array(method))
+  write_npz_atomic(stem + '.npz', images=images, continuous=continuous, originals=originals,
+                   indices=pairs, t=np.linspace(0.0, 1.0, steps), weights=weights,
+                   method=np.array(method))
   ends = np.abs(images[:, [0, -1]].astype(np.int64) - originals.astype(np.int64))
   print(f'{len(pairs)} pairs x {steps} steps ({method}) in {seconds:.2f} s (including '
         f'compilation); end points vs originals: max {int(ends.max())} levels, '
@@ -299,9 +283,9 @@ def reconstruct(config, workdir, load_model: LoadModel):
       os.path.join(out, 'reconstruct.png'),
       _alternating_rows(originals, reconstructions, ncols, model.spec.num_bits),
       model.spec.num_bits, ncols=ncols)
-  _save_npz(os.path.join(out, 'reconstruct.npz'), originals=originals,
-            reconstructions=reconstructions, continuous=y.astype(np.float32),
-            continuous_reconstructed=y_rec)
+  write_npz_atomic(os.path.join(out, 'reconstruct.npz'), originals=originals,
+                   reconstructions=reconstructions, continuous=y.astype(np.float32),
+                   continuous_reconstructed=y_rec)
   write_json_atomic(os.path.join(out, 'reconstruct.json'), result)
   print(f'reconstruction of {num_images} test images: max error {result["max_abs_error_levels"]} '
         f'levels, {result["max_abs_error_continuous"]:.3g} continuous; '
@@ -322,7 +306,8 @@ def sweep(config, workdir, load_model: LoadModel):
   images = evaluate.temperature_sweep_grid(model, variables, jax.random.PRNGKey(config.seed),
                                            stem + '.png', temperatures, per_row,
                                            batch_size=config.sample.batch_size)
-  _save_npz(stem + '.npz', images=images.reshape(len(temperatures), per_row, *images.shape[1:]),
-            temperatures=np.asarray(temperatures))
+  write_npz_atomic(stem + '.npz',
+                   images=images.reshape(len(temperatures), per_row, *images.shape[1:]),
+                   temperatures=np.asarray(temperatures))
   print(f'temperatures {temperatures} x {per_row} samples -> {stem}.png, {stem}.npz')
   return images

@@ -19,7 +19,6 @@ from typing import Any, Dict, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from denseflow_jax.flows.dense_block import DenseFlowBlock
 from denseflow_jax.flows.dequantization import (UniformDequantization, VariationalDequantization,

@@ -97,9 +97,7 @@ def fid(config, workdir):
   """FID of config.fid.num_samples samples against each of config.fid.splits (the data
   statistics are cached); writes WORKDIR/fid_T<temperature>_n<num>.json."""
   from denseflow_jax import fid as fid_lib
-  fid_lib.validate_fid_config(config)   # a missing weights file fails before any loading
-  model, variables, source = _model_and_variables(config, workdir)
-  return fid_lib.run_fid(config, workdir, model=model, variables=variables, checkpoint=source)
+  return fid_lib.run_fid(config, workdir, _model_and_variables)
 
 
 def train(config, workdir):

@@ -305,7 +305,6 @@ def train_step_fn(model: DenseFlow, settings: StepSettings):
   tx = make_optimizer(settings)
   schedule = make_lr_schedule(settings)
   ema_decay = settings.ema_decay
-  steps_per_epoch = settings.steps_per_epoch
 
   def loss_fn(params, batch_stats, batch, key):
     noise = model_lib.draw_noise(spec, key, batch.shape[0])

@@ -1,18 +1,15 @@
 """Tests of denseflow_jax.checkpoint (no model compilation: arrays made by hand)."""
 import json
-import os
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import default
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import train
-from denseflow_jax.spec import ConfigError
 
 
 def tiny_config():

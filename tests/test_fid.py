@@ -329,8 +329,8 @@ def test_run_fid_end_to_end_on_a_tiny_model(tmp_path, capsys):
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   workdir = tmp_path / 'run'
 
-  result = fid.run_fid(config, workdir, model=model, variables=variables, checkpoint='ckpt',
-                       feature_fn=row_features, progress=False)
+  load_model = lambda config, workdir: (model, variables, 'ckpt')   # noqa: E731
+  result = fid.run_fid(config, workdir, load_model, feature_fn=row_features, progress=False)
   written = json.loads((workdir / 'fid_T0.8_n21.json').read_text())
   assert written['fid'] == pytest.approx(result['fid'])
   assert written['num_samples'] == 21 and written['temperature'] == 0.8
@@ -349,8 +349,7 @@ def test_run_fid_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert not result['reference'][split]['cache_hit']
 
   capsys.readouterr()
-  again = fid.run_fid(config, workdir, model=model, variables=variables,
-                      feature_fn=row_features, progress=False)
+  again = fid.run_fid(config, workdir, load_model, feature_fn=row_features, progress=False)
   out = capsys.readouterr().out
   assert out.count('cache hit') == 2
   assert all(again['reference'][s]['cache_hit'] for s in ('train', 'test'))

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from denseflow_jax import model as model_lib
 from denseflow_jax.convert import ConvertError, convert_state_dict
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow

@@ -12,7 +12,7 @@ unrolls that many modules per loop iteration: on XLA:CPU a convolution's
 backward pass inside a loop body ran ~12x slower than unrolled (measured on the
 dense-block coupling network), so CPU runs trade compile time for step time.
 """
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
