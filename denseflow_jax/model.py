@@ -140,11 +140,13 @@ def draw_sample_noise(spec: ModelSpec, rng, num: int):
   return eps, dropped
 
 
-def init_variables(model: DenseFlow, rng, x):
+def init_variables(model: DenseFlow, rng, x, noise=None):
   """Parameters and BatchNorm statistics, with ActNorm initialised from the batch `x`
-  (data-dependent initialisation, as the official first training step does)."""
+  (data-dependent initialisation: the official first training-mode pass, which also
+  updates the BatchNorm running statistics once). `noise` defaults to a draw from `rng`."""
   k_params, k_noise = jax.random.split(rng)
-  noise = draw_noise(model.spec, k_noise, x.shape[0])
+  if noise is None:
+    noise = draw_noise(model.spec, k_noise, x.shape[0])
   return model.init({'params': k_params}, x, noise, train=True, method=DenseFlow.log_prob)
 
 

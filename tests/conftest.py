@@ -16,7 +16,8 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-FIXTURE_DIR = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'reference-small'
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
+FIXTURE_DIR = FIXTURES / 'reference-small'
 
 
 @pytest.fixture(scope='session')
@@ -25,3 +26,12 @@ def reference_dir():
   if not (FIXTURE_DIR / 'state_dict.npz').exists():
     pytest.skip(f'reference fixture not found at {FIXTURE_DIR}')
   return FIXTURE_DIR
+
+
+@pytest.fixture(scope='session')
+def init_stats_dir():
+  """Official per-parameter statistics at initialisation (../shared/fixtures/init-stats)."""
+  path = FIXTURES / 'init-stats'
+  if not (path / 'official_init.json').exists():
+    pytest.skip(f'init-stats fixture not found at {path}')
+  return path

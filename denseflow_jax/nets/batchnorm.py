@@ -32,11 +32,12 @@ class BatchNorm(nn.Module):
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x32, axes)
       var = jnp.mean(jnp.square(x32 - mean), axes)
-      if not self.is_initializing():
-        n = x.size // channels
-        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-        running_var.value = ((1 - self.momentum) * running_var.value
-                             + self.momentum * var * n / max(n - 1, 1))
+      # Also during `init`: the official first (data-dependent initialisation) pass is a
+      # training-mode forward that updates the running statistics once.
+      n = x.size // channels
+      running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+      running_var.value = ((1 - self.momentum) * running_var.value
+                           + self.momentum * var * n / max(n - 1, 1))
     else:
       mean, var = running_mean.value, running_var.value
     y = (x32 - mean) * (scale / jnp.sqrt(var + self.epsilon)) + bias

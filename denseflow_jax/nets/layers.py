@@ -1,8 +1,16 @@
 """Convolutions with PyTorch's default initialisation and an explicit compute dtype.
 
-The official model is PyTorch; matching its initial scale (kaiming-uniform with
-a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))) keeps training from scratch
-comparable. Parameters are always float32; `dtype` is the compute dtype.
+The official model is PyTorch, and training from scratch starts where its
+`nn.Conv2d` starts (kaiming-uniform with a = sqrt(5) for the kernel, and the
+bias rule of `nn.Conv2d.reset_parameters`):
+
+    kernel ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))     fan_in = kh * kw * in_channels
+    bias   ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))     (same bound)
+    zero_init=True: kernel = bias = 0  (the official zero-initialised output heads)
+
+The invertible 1x1 convolutions start as Haar-random rotations
+(`torch.nn.init.orthogonal_`: Q of a Gaussian matrix's QR, columns signed by diag R).
+Parameters are always float32; `dtype` is the compute dtype.
 
 Random initial values are drawn on the host with NumPy, seeded from the JAX key
 (`host_initializer`). The result is just as deterministic, but XLA's CPU backend
@@ -32,10 +40,10 @@ def host_initializer(draw: Callable[[np.random.Generator, tuple], np.ndarray]):
   return init
 
 
-def _torch_conv_uniform(rng, shape):
-  fan_in = math.prod(shape[:-1])            # kh * kw * in for a Flax kernel [kh, kw, in, out]
+def torch_uniform_init(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for conv kernels and biases."""
   bound = 1.0 / math.sqrt(fan_in)
-  return rng.uniform(-bound, bound, size=shape)
+  return host_initializer(lambda rng, shape: rng.uniform(-bound, bound, size=shape))
 
 
 def _orthogonal(rng, shape):
@@ -43,15 +51,39 @@ def _orthogonal(rng, shape):
   return q * np.sign(np.diag(r))            # Haar-distributed rotation/reflection
 
 
-torch_default_kernel_init = host_initializer(_torch_conv_uniform)
 orthogonal_init = host_initializer(_orthogonal)
+
+
+class Conv2d(nn.Module):
+  """A 2-D convolution on NHWC inputs with `nn.Conv2d`'s initialisation (module docstring).
+
+  Parameters `kernel` [kh, kw, in, out] and `bias` [out], as `flax.linen.Conv` names them.
+  'SAME' padding equals PyTorch's padding = k // 2 for odd k.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: str = 'SAME'
+  use_bias: bool = True
+  zero_init: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = self.kernel * self.kernel * x.shape[-1]
+    init = nn.initializers.zeros if self.zero_init else torch_uniform_init(fan_in)
+    kernel = self.param('kernel', init, (self.kernel, self.kernel, x.shape[-1], self.features),
+                        jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+        self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      y = y + self.param('bias', init, (self.features,), jnp.float32).astype(self.dtype)
+    return y
 
 
 def conv(features: int, kernel: int, *, name: str, dtype: Any = jnp.float32,
          zero_init: bool = False, use_bias: bool = True, stride: int = 1,
-         padding: str = 'SAME') -> nn.Conv:
-  """A 2-D convolution on NHWC inputs; 'SAME' equals PyTorch's padding=k//2 for odd k."""
-  kernel_init = nn.initializers.zeros if zero_init else torch_default_kernel_init
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 use_bias=use_bias, kernel_init=kernel_init, bias_init=nn.initializers.zeros,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+         padding: str = 'SAME') -> Conv2d:
+  return Conv2d(features, kernel, stride=stride, padding=padding, use_bias=use_bias,
+                zero_init=zero_init, dtype=dtype, name=name)
