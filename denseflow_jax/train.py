@@ -299,6 +299,19 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def train_loss(model: DenseFlow, params, batch_stats, batch, noise):
+  """The training loss and the updated BatchNorm statistics, for given noise:
+
+      loss = mean over the batch of -log p(x) / (D ln 2)     (official `elbo_bpd`)
+
+  computed in training mode (BatchNorm on batch statistics, running statistics updated
+  with momentum 0.1). Returns (loss, new batch_stats)."""
+  log_p, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch, noise,
+                               train=True, method=DenseFlow.log_prob, mutable=['batch_stats'])
+  loss = jnp.mean(model_lib.bits_per_dim(log_p, model.spec))
+  return loss, updates.get('batch_stats', batch_stats)
+
+
 def train_step_fn(model: DenseFlow, settings: StepSettings):
   """The un-jitted train step ``(state, batch, base_key) -> (state, metrics)``."""
   spec = model.spec
@@ -308,10 +321,7 @@ def train_step_fn(model: DenseFlow, settings: StepSettings):
 
   def loss_fn(params, batch_stats, batch, key):
     noise = model_lib.draw_noise(spec, key, batch.shape[0])
-    log_p, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch, noise,
-                                 train=True, method=DenseFlow.log_prob, mutable=['batch_stats'])
-    loss = jnp.mean(model_lib.bits_per_dim(log_p, spec))
-    return loss, updates.get('batch_stats', batch_stats)
+    return train_loss(model, params, batch_stats, batch, noise)
 
   def step_fn(state: TrainState, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)
@@ -436,7 +446,10 @@ class _MetricsLog:
               if line.strip() and json.loads(line).get('step', 0) <= resume_step]
       self.path.write_text(''.join(line + '\n' for line in kept))
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=resume_step)
+    # TensorBoard drops the events at steps >= purge_step: those after the checkpoint, not
+    # the ones at its own step (a rerun of a finished run would lose its last points).
+    purge = None if resume_step is None else resume_step + 1
+    self.writer = SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=purge)
 
   def write(self, record: Mapping, prefix: str) -> None:
     if not self.enabled:

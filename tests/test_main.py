@@ -34,6 +34,28 @@ def tiny(config, image_shape, num_bits):
   return config
 
 
+def assert_tensorboard_matches_metrics(workdir):
+  """Every numeric (field, step) of metrics.jsonl is in the TensorBoard event files, with its
+  value, and nothing else is: reruns and resumes neither lose nor duplicate a point."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  want = {}
+  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
+    record = json.loads(line)
+    for key, value in record.items():
+      if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
+        want.setdefault((key, record['step']), []).append(float(value))
+  events = EventAccumulator(str(workdir / 'tensorboard')).Reload()
+  got = {}
+  for tag in events.Tags()['scalars']:
+    steps = [event.step for event in events.Scalars(tag)]
+    assert len(steps) == len(set(steps)), f'{tag} has a step twice: {steps}'
+    for event in events.Scalars(tag):
+      got.setdefault((tag.split('/', 1)[1], event.step), []).append(event.value)
+  assert got.keys() == want.keys()
+  for key, values in want.items():
+    assert sorted(got[key]) == pytest.approx(sorted(values), rel=1e-6), key
+
+
 def run_all_modes(config, workdir):
   modes.run('train', config, str(workdir))
   ckpts = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
@@ -41,12 +63,16 @@ def run_all_modes(config, workdir):
   train_bpd = [r['train_bpd'] for r in records if 'train_bpd' in r]
   assert train_bpd and all(np.isfinite(train_bpd))
 
-  # A second invocation with more steps resumes from the checkpoint of step 3.
+  # Running the finished command again changes nothing (nothing logged is lost) ...
+  modes.run('train', config, str(workdir))
+  assert_tensorboard_matches_metrics(workdir)
+  # ... and a second invocation with more steps resumes from the checkpoint of step 3.
   config.train.num_steps = 4
   modes.run('train', config, str(workdir))
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   steps = [r['step'] for r in records if 'train_bpd' in r]
   assert steps == sorted(set(steps)) and max(steps) <= 4, steps   # no step trained twice
+  assert_tensorboard_matches_metrics(workdir)
 
   result = modes.run('eval', config, str(workdir))
   assert np.isfinite(result['elbo_bpd']) and np.isfinite(result['iwbo_bpd'])
@@ -79,3 +105,22 @@ def test_command_line_reports_bad_input_in_one_line():
   assert proc.returncode != 0
   assert 'error: model.growth_rate must be positive' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_configs_load_from_any_working_directory(tmp_path):
+  """A config file finds its sibling default.py whatever the working directory."""
+  proc = subprocess.run([sys.executable, '-m', 'denseflow_jax.main',
+                         f'--config={ROOT / "configs" / "digits.py"}', '--mode', 'summary'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert 'total' in proc.stdout
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'denseflow_jax.main', '--config',
+                         'configs/nonexistent.py', '--mode', 'summary'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]      # one line
+  assert 'error: --config configs/nonexistent.py: no such file' in proc.stderr
+  assert 'cifar10.py' in proc.stderr                                     # names the configs

@@ -17,6 +17,7 @@ from configs import default
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
 from denseflow_jax import train
+from denseflow_jax.model import DenseFlow, draw_noise
 from denseflow_jax.spec import ConfigError, spec_from_config
 
 BATCH = 16
@@ -185,6 +186,46 @@ def test_sharded_step_matches_single_device(compiled):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert not leaves_equal(s8.params, compiled['variables']['params'])   # it did train
   assert compiled['step8']._cache_size() == 1                           # compiled once
+
+
+def test_steps_follow_torch_adamax_and_the_warmup(compiled):
+  """Three train steps against torch.optim.Adamax's rule written out in NumPy, with the
+  official warm-up (survae LinearWarmupScheduler: step n uses lr * min(1, n / warmup), so
+  step 0 only fills the moments) and global-norm clipping (config: warmup 2, clip 1.0):
+
+      g <- g * min(1, clip / |g|);   m <- b1 m + (1 - b1) g;   u <- max(b2 u, |g| + eps)
+      p <- p - lr_n / (1 - b1^(n+1)) * m / u           (b1, b2, eps = 0.9, 0.999, 1e-8)
+  """
+  c, spec, mesh = compiled['config'], compiled['spec'], compiled['mesh1']
+  model = DenseFlow(spec)
+  key = jax.random.PRNGKey(3)
+  grad_fn = jax.jit(lambda p, s, x, k: jax.grad(
+      lambda p: train.train_loss(model, p, s, x, draw_noise(spec, k, x.shape[0])), has_aux=True)(p))
+  state = state_on(compiled, mesh)
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64), compiled['variables']['params'])
+  batch_stats = compiled['variables']['batch_stats']
+  m = jax.tree.map(np.zeros_like, params)
+  u = jax.tree.map(np.zeros_like, params)
+  batches = [compiled['batches'][0], compiled['batches'][1], compiled['batches'][0]]
+  for n, batch in enumerate(batches):
+    p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    g, batch_stats = grad_fn(p32, batch_stats, jnp.asarray(batch), jax.random.fold_in(key, n))
+    g = jax.tree.map(lambda a: np.asarray(a, np.float64), g)
+    norm = math.sqrt(sum(float(np.sum(a ** 2)) for a in jax.tree.leaves(g)))
+    g = jax.tree.map(lambda a: a * min(1.0, c.train.grad_clip / norm), g)
+    m = jax.tree.map(lambda m_, g_: 0.9 * m_ + 0.1 * g_, m, g)
+    u = jax.tree.map(lambda u_, g_: np.maximum(0.999 * u_, np.abs(g_) + 1e-8), u, g)
+    lr = c.train.lr * min(1.0, n / c.train.warmup_steps)
+    params = jax.tree.map(lambda p_, m_, u_: p_ - lr / (1 - 0.9 ** (n + 1)) * m_ / u_,
+                          params, m, u)
+    state, metrics = compiled['step1'](state, train.global_batch(batch, mesh), key)
+    assert float(metrics['lr']) == pytest.approx(lr, rel=1e-6, abs=1e-12), n
+    got = jax.device_get(state.params)
+    for want_leaf, got_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
+      np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=2e-7, err_msg=f'step {n}')
+  moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(params),
+                                                 jax.tree.leaves(compiled['variables']['params']))]
+  assert max(moved) > 1e-4                                    # the steps did move the weights
 
 
 def test_nonfinite_step_is_skipped_and_counted(compiled):
