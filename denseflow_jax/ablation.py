@@ -8,7 +8,14 @@ Our reading of Table 4 (the official repository ships only row 6):
   4    dense + attention  none                      3.14
   5    dense + attention  white noise               3.08
   6    dense + attention  preconditioned (full)     3.07
+
+`config.ablation_row` sets the three switches (model.coupling_net, model.cross_unit,
+model.noise). A switch overridden on the command line to a value other than the row's is
+a conflict, reported as an error: nothing silently trains a different model than asked.
 """
+from denseflow_jax.spec import ConfigError
+
+SWITCHES = ('coupling_net', 'cross_unit', 'noise')
 ROWS = {
     1: ('glow', False, 'preconditioned', 3.42),
     2: ('glow', True, 'white', 3.40),
@@ -17,12 +24,24 @@ ROWS = {
     5: ('dense_attention', True, 'white', 3.08),
     6: ('dense_attention', True, 'preconditioned', 3.07),
 }
+# The switches of configs/default.py (= row 6): a value other than these was set explicitly.
+DEFAULTS = dict(zip(SWITCHES, ROWS[6][:3]))
 
 
 def apply_row(config):
-  """Set config.model's switches from `config.ablation_row` (after command-line overrides)."""
+  """Set config.model's switches from `config.ablation_row`; ConfigError for an unknown
+  row or a switch explicitly set to something else."""
   row = config.ablation_row
   if row not in ROWS:
-    raise ValueError(f'ablation_row must be one of {sorted(ROWS)}, got {row!r}')
-  config.model.coupling_net, config.model.cross_unit, config.model.noise, _ = ROWS[row]
+    raise ConfigError(f'ablation_row must be one of {sorted(ROWS)} (paper Table 4), got {row!r}')
+  wanted = dict(zip(SWITCHES, ROWS[row][:3]))
+  conflicts = [f'--config.model.{name}={config.model[name]}' for name in SWITCHES
+               if config.model[name] != DEFAULTS[name] and config.model[name] != wanted[name]]
+  if conflicts:
+    raise ConfigError(
+        f'{" ".join(conflicts)} conflicts with --config.ablation_row={row}, which sets '
+        + ', '.join(f'model.{n}={wanted[n]!r}' for n in SWITCHES)
+        + '; drop the override or choose the row that has it (experiments/ablations.md)')
+  for name in SWITCHES:
+    config.model[name] = wanted[name]
   return config

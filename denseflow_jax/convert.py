@@ -226,8 +226,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  import os
-  sys.path.insert(0, os.getcwd())   # configs import each other as `configs.<name>`
+  from denseflow_jax.config_path import prepare_config_import
+  prepare_config_import(sys.argv)   # configs import each other as `configs.<name>`
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Config of the model (configs/*.py).')

@@ -471,6 +471,16 @@ def load_split(data_config, split: str,
     raise DataError(
         "data.dataset is empty; set --config.data.dataset to 'digits', 'npz', "
         f"'folder' or a TFDS name such as {sorted(TFDS_SPLITS)}")
+  # A setting that the chosen data set does not read is a mistake, not something to ignore.
+  if source and dataset not in ('npz', 'folder'):
+    raise DataError(
+        f"data.source={source!r} is only read by data.dataset='npz' or 'folder', but "
+        f"data.dataset={dataset!r} ignores it; set --config.data.dataset=npz (an .npz file) "
+        "or folder (train/ and test/ image folders), or drop --config.data.source")
+  if data_config.get('tfds_data_dir', '') and dataset in ('digits', 'npz', 'folder'):
+    raise DataError(
+        f"data.tfds_data_dir is only read for TFDS data sets, but data.dataset={dataset!r} "
+        "ignores it; drop --config.data.tfds_data_dir or choose a TFDS data set")
   if dataset == 'digits':
     return _load_digits(split, image_shape, num_bits)
   if dataset == 'npz':

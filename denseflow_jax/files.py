@@ -7,14 +7,23 @@ from typing import Any, Callable
 import numpy as np
 
 
+def _current_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write(path, write: Callable[[Any], None]):
   """`write(binary file)` into a temporary file beside `path`, then os.replace: an
-  existing `path` survives any failure."""
+  existing `path` survives any failure. The file gets the mode a plain `open()` would
+  give it (0666 minus the umask; `mkstemp` alone makes it 0600, unreadable to colleagues
+  sharing a workdir)."""
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
   try:
+    os.fchmod(fd, 0o666 & ~_current_umask())
     with os.fdopen(fd, 'wb') as f:
       write(f)
       f.flush()

@@ -13,12 +13,10 @@ import os
 import shlex
 import sys
 
-# Configs import each other as `configs.<name>`: make the project root importable
-# when main runs from a checkout.
-sys.path.insert(0, os.getcwd())
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from denseflow_jax.config_path import prepare_config_import
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file (configs/*.py).',
                                           lock_config=True)
@@ -78,6 +76,7 @@ def main(argv):
 def _parse_flags(argv):
   """absl's parser, plus a one-line error for a misspelled --config.<field> override
   (ml_collections raises AttributeError / KeyError there, with a traceback)."""
+  prepare_config_import(argv)     # configs load from any working directory
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:

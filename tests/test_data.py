@@ -488,3 +488,16 @@ def test_eval_over_two_processes(id_npz):
   for (x0, m0), (x1, m1), (x, m) in zip(*parts, single):
     np.testing.assert_array_equal(np.concatenate([x0, x1]), x)
     np.testing.assert_array_equal(np.concatenate([m0, m1]), m)
+
+
+@pytest.mark.parametrize('dataset, field, value, match', [
+    ('digits', 'source', 'x.npz', r"data.source='x.npz' is only read by data.dataset='npz' or "
+                                  r"'folder'.*--config.data.dataset=npz"),
+    ('cifar10', 'source', '/data/imgs', r"data.dataset='cifar10' ignores it"),
+    ('npz', 'tfds_data_dir', '/tfds', r'tfds_data_dir is only read for TFDS data sets'),
+])
+def test_settings_the_dataset_does_not_read_are_refused(dataset, field, value, match):
+  config = ml_collections.ConfigDict({'dataset': dataset, 'source': '', 'tfds_data_dir': ''})
+  config[field] = value
+  with pytest.raises(data.DataError, match=match):
+    data.load_split(config, 'train')

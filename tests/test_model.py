@@ -89,7 +89,30 @@ def test_ablation_rows_match_the_doc_and_row_6_the_official_count(capsys):
   for row, (params, bpd) in table.items():
     config = importlib.import_module('configs.ablation').get_config()
     config.ablation_row = row
-    modes.run('summary', config, None)
+    modes.run('summary', config, None)    # applies the row
     out = capsys.readouterr().out
     assert int(re.search(r'^total\s+([\d,]+)$', out, re.M)[1].replace(',', '')) == params, row
     assert bpd == ablation.ROWS[row][3], row
+
+
+@pytest.mark.parametrize('overrides, row, match', [
+    ({'noise': 'white'}, 6, r"--config.model.noise=white conflicts with --config.ablation_row=6"),
+    ({'coupling_net': 'glow'}, 5, r"coupling_net=glow conflicts with --config.ablation_row=5"),
+    ({}, 7, r'ablation_row must be one of \[1, 2, 3, 4, 5, 6\]'),
+])
+def test_ablation_row_never_silently_overrides_an_explicit_switch(overrides, row, match):
+  config = importlib.import_module('configs.ablation').get_config()
+  for name, value in overrides.items():
+    config.model[name] = value
+  config.ablation_row = row
+  with pytest.raises(ConfigError, match=match):
+    modes.run('summary', config, None)
+
+
+def test_ablation_row_accepts_an_override_that_agrees_with_it():
+  config = importlib.import_module('configs.ablation').get_config()
+  config.model.noise = 'white'
+  config.ablation_row = 5                 # row 5 is white noise
+  modes.finalize_config(config)
+  assert (config.model.coupling_net, config.model.cross_unit, config.model.noise) == (
+      'dense_attention', True, 'white')

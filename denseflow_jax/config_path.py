@@ -1,0 +1,39 @@
+"""Loading `--config FILE` from any working directory.
+
+Config files import their siblings as a package (`from configs import default`), so the
+folder that holds `configs/` must be importable. `prepare_config_import(argv)` finds the
+`--config` argument, checks that the file exists (one-line error naming the available
+configs otherwise) and puts the folder above the config's package first on `sys.path`.
+Used by the commands that take `--config` (main, convert).
+"""
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+
+def config_argument(argv: Sequence[str]) -> Optional[str]:
+  """The value of `--config=FILE` / `--config FILE` in argv (None if absent)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def prepare_config_import(argv: Sequence[str]) -> None:
+  """Raise SystemExit('error: ...') for a missing config file; make its package importable."""
+  value = config_argument(argv)
+  if value is None:
+    return
+  path = pathlib.Path(value.split(':', 1)[0]).expanduser()   # FILE[:overrides] form
+  if not path.is_file():
+    here = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+    known = sorted(p.name for p in here.glob('*.py') if not p.name.startswith('_'))
+    hint = f'the shipped configs are in {here}: {", ".join(known)}' if known else (
+        'pass the path of a config file, e.g. configs/cifar10.py from the repository root')
+    raise SystemExit(f'error: --config {value}: no such file; {hint}')
+  folder = path.resolve().parent
+  root = folder.parent if (folder / '__init__.py').exists() else folder
+  if str(root) not in sys.path:
+    sys.path.insert(0, str(root))
