@@ -289,6 +289,14 @@ def read_metadata(directory: str | os.PathLike) -> dict:
   return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def holds_model(directory: str | os.PathLike) -> bool:
+  """Whether `directory` is something `load_variables` can read: a model checkpoint
+  (variables/) or a training workdir (checkpoints/)."""
+  directory = pathlib.Path(directory)
+  return ((directory / VARIABLES_DIR).is_dir() or (directory / CHECKPOINTS_DIR).is_dir()
+          or directory.name == CHECKPOINTS_DIR and directory.is_dir())
+
+
 def _workdir_checkpointer(directory: pathlib.Path) -> TrainCheckpointer:
   workdir = directory.parent if directory.name == CHECKPOINTS_DIR else directory
   if not (workdir / CHECKPOINTS_DIR).is_dir():

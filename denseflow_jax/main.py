@@ -18,11 +18,12 @@ from ml_collections import config_flags
 
 from denseflow_jax.config_path import prepare_config_import
 
+MODES = ['train', 'eval', 'sample', 'summary', 'interpolate', 'reconstruct', 'sweep', 'fid']
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'summary', 'interpolate',
-                                            'reconstruct', 'sweep', 'fid'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to run.')
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False, 'Call jax.distributed.initialize() first: one process per host of a TPU '
     'pod slice or per GPU host. On Cloud TPU, SLURM, Open MPI and Kubernetes jobs JAX finds '
@@ -39,9 +40,42 @@ _PROCESS_ID = flags.DEFINE_integer(
     'auto-detected).', lower_bound=0)
 
 
+HELP = """usage: python -m denseflow_jax.main --config CONFIG [--workdir DIR] [--mode MODE] [--config.FIELD=VALUE ...]
+
+modes (--mode):
+  train        train (default); the same command resumes from DIR's latest checkpoint
+  eval         test bits/dim: one-sample bound and IWBO with config.eval.k samples
+  sample       config.sample.num images to DIR/samples/
+  summary      parameter table (no --workdir needed)
+  interpolate  latent interpolations between test images (DIR/latent/)
+  reconstruct  test images and their reconstructions (DIR/latent/)
+  sweep        samples at several temperatures (DIR/latent/)
+  fid          FID against the data (needs converted Inception weights, README "FID")
+
+configs: {configs}
+
+common overrides:
+  --config.train.batch_size=64  --config.train.num_steps=N  --config.seed=1
+  --config.eval.k=1000  --config.eval.use_ema=False  --config.checkpoint=DIR
+  --config.data.dataset=npz --config.data.source=data.npz
+  --config.model.compute_dtype=bfloat16  --config.model.remat=True
+every field: configs/default.py; all flags: --helpfull; documentation: README.md
+"""
+
+
+def _help_text() -> str:
+  import pathlib
+  folder = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+  names = sorted(p.name for p in folder.glob('*.py') if not p.name.startswith('_'))
+  return HELP.format(configs=', '.join(f'configs/{n}' for n in names) if names else
+                     'configs/*.py in the repository')
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    hint = (f'; did you mean --mode {argv[1]}?' if argv[1] in MODES else
+            '; options are written --name=value (python -m denseflow_jax.main --help)')
+    raise SystemExit(f'error: unexpected argument {argv[1]!r}{hint}')
   from absl import logging
   from denseflow_jax import modes
   from denseflow_jax.checkpoint import CheckpointError
@@ -76,6 +110,12 @@ def main(argv):
 def _parse_flags(argv):
   """absl's parser, plus a one-line error for a misspelled --config.<field> override
   (ml_collections raises AttributeError / KeyError there, with a traceback)."""
+  if any(a in ('-h', '--help', '-help') for a in argv[1:]):
+    try:
+      print(_help_text())
+    except BrokenPipeError:       # `... --help | head`
+      pass
+    raise SystemExit(0)
   prepare_config_import(argv)     # configs load from any working directory
   try:
     return app.parse_flags_with_usage(argv)

@@ -28,6 +28,11 @@ def _model_and_variables(config, workdir):
   from denseflow_jax import checkpoint, model as model_lib
   model = model_lib.make_model(config.model)
   source = config.checkpoint or workdir
+  if not config.checkpoint and not checkpoint.holds_model(workdir):
+    raise checkpoint.CheckpointError(
+        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
+        f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
+        '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
   variables = checkpoint.load_variables(source, config, use_ema=config.eval.use_ema)
   return model, variables, source
 

@@ -124,3 +124,26 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]      # one line
   assert 'error: --config configs/nonexistent.py: no such file' in proc.stderr
   assert 'cifar10.py' in proc.stderr                                     # names the configs
+
+
+def _cli(args, cwd=ROOT):
+  return subprocess.run([sys.executable, '-m', 'denseflow_jax.main', *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('flag', ['-h', '--help'])
+def test_help_lists_modes_configs_and_overrides(flag):
+  proc = _cli([flag])
+  assert proc.returncode == 0, proc.stderr
+  for word in ('--mode', 'train', 'eval', 'interpolate', 'configs/cifar10.py',
+               'configs/digits.py', '--config.eval.k', '--config.train.batch_size'):
+    assert word in proc.stdout, word
+
+
+def test_positional_mode_and_empty_workdir_are_one_line_errors(tmp_path):
+  proc = _cli(['--config', 'configs/digits.py', 'eval'])
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert "did you mean --mode eval?" in proc.stderr
+  proc = _cli(['--config', 'configs/digits.py', '--workdir', str(tmp_path), '--mode', 'eval'])
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert f'error: no checkpoint in {tmp_path}: train first' in proc.stderr
