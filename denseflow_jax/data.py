@@ -211,10 +211,13 @@ def validate_images(images: np.ndarray, image_shape: Sequence[int] | None,
     raise DataError(f'{where} is a {type(images).__name__}, not a numpy array; '
                     'store uint8 arrays [N, H, W, C]')
   if images.dtype != np.uint8:
+    found = ''
+    if images.size and np.issubdtype(images.dtype, np.number):
+      found = f' (values {images.min():g} .. {images.max():g})'
     raise DataError(
-        f'{where} has dtype {images.dtype}, expected uint8 [N, H, W, C] with '
-        'values 0..255; convert it, e.g. np.clip(np.round(x), 0, 255)'
-        '.astype(np.uint8) for 0..255 floats')
+        f'{where} has dtype {images.dtype}{found}, expected uint8 [N, H, W, C] with values '
+        '0..255; convert it: np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for data in '
+        '0..1, np.clip(np.round(x), 0, 255).astype(np.uint8) for data in 0..255')
   if images.ndim != 4:
     hint = (' (add a channel axis: x[..., None])' if images.ndim == 3 else '')
     raise DataError(

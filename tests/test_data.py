@@ -111,8 +111,9 @@ def _save(path, **arrays):
     ({'train': np.zeros((2, 4, 4, 1), np.uint8)}, (4, 4, 1), 8,
      r"no key 'test'.*expected keys 'train' and 'test'"),
     ({'train': np.zeros((2, 4, 4, 1), np.float32),
-      'test': np.zeros((2, 4, 4, 1), np.float32)}, (4, 4, 1), 8,
-     'dtype float32, expected uint8'),
+      'test': np.full((2, 4, 4, 1), 0.75, np.float32)}, (4, 4, 1), 8,
+     r'dtype float32 \(values 0.75 .. 0.75\), expected uint8.*np.round\(x \* 255\).* for data '
+     r'in 0..1'),
     ({'train': np.zeros((2, 4, 4), np.uint8),
       'test': np.zeros((2, 4, 4), np.uint8)}, (4, 4, 1), 8,
      r'rank 3 .*x\[\.\.\., None\]'),
