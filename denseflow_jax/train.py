@@ -595,8 +595,24 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
   sample_every = int(_train_get(t, 'sample_every_epochs', 1))
 
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  def say(message):
+    """One line of the run's story on the console (process 0), above the progress bar."""
+    if is_main:
+      tqdm.write(message)
+
+  started = time.perf_counter()
+  if start_step >= total_steps:
+    log.close()
+    say(f'already finished at step {start_step} of {total_steps}: nothing to do '
+        f'(checkpoints in {checkpointer.directory}, metrics in {workdir / METRICS_FILE})')
+    return state
+  if latest is not None:
+    say(f'resuming from step {start_step} of {total_steps} (checkpoint {checkpointer.directory})')
+  else:
+    say(f'starting a new run in {workdir}: {total_steps} steps ({phase})')
   progress = tqdm(total=total_steps, initial=start_step, disable=not is_main,
-                  unit='step', dynamic_ncols=True, desc=phase)
+                  unit='step', dynamic_ncols=True, desc=f'{phase} (compiling)')
   window = {'bpd_sum': 0.0, 'finite': 0, 'skipped': 0, 'skipped_steps': [], 'steps': 0,
             'time': None, 'timed_steps': 0}
   saved = {'step': start_step if latest is not None else None}
@@ -661,6 +677,8 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
       if results:
         results = {k: float(v) for k, v in results.items()}
         log.write({'step': step, 'epoch': step / steps_per_epoch, **results}, 'eval')
+        last_eval.update(results)
+        say(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
         value = results.get(best_metric)
         if value is not None and math.isfinite(value) and value < meta.get('best', math.inf):
           meta['best'], meta['best_step'] = value, step
@@ -669,6 +687,7 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
     if sample_fn is not None and rest == 0 and epoch % sample_every == 0:
       sample_fn(state, step)
 
+  last_eval = {}
   pending = None
   step = start_step
   stop = cleanup = None
@@ -683,6 +702,8 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
       if batch.shape != local_shape:
         raise data_lib.DataError(f'training batch of shape {batch.shape}, expected {local_shape}')
       state, metrics = train_step(state, global_batch(batch, mesh), train_key)
+      if step == start_step:
+        progress.set_description(phase)   # the first call compiled the step
       step += 1
       progress.update(1)
       if pending is not None:
@@ -707,6 +728,15 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
         raise TrainingInterrupted(stop['signal'], step, checkpointer.directory)
     if pending is not None:
       handle(pending)
+    progress.close()
+    summary = [f'finished {step} steps in {time.perf_counter() - started:.0f} s']
+    if last_eval.get(best_metric) is not None:
+      summary.append(f'last {best_metric} {last_eval[best_metric]:.4f}')
+    if meta.get('best') is not None:
+      summary.append(f'best {meta["best"]:.4f} at step {meta.get("best_step")} '
+                     f'({workdir / BEST_DIR})')
+    say('; '.join(summary) + f'; checkpoints in {checkpointer.directory}, metrics in '
+        f'{workdir / METRICS_FILE}, samples in {workdir / "samples"}')
   finally:
     progress.close()
     checkpointer.wait()

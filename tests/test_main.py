@@ -56,7 +56,7 @@ def assert_tensorboard_matches_metrics(workdir):
     assert sorted(got[key]) == pytest.approx(sorted(values), rel=1e-6), key
 
 
-def run_all_modes(config, workdir):
+def run_all_modes(config, workdir, capsys=None):
   modes.run('train', config, str(workdir))
   ckpts = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -69,6 +69,14 @@ def run_all_modes(config, workdir):
   # ... and a second invocation with more steps resumes from the checkpoint of step 3.
   config.train.num_steps = 4
   modes.run('train', config, str(workdir))
+  if capsys is not None:        # the story of the three runs on the console
+    story = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith(('starting', 'finished', 'already', 'resuming', 'step '))]
+    assert [line.split(' ')[0] for line in story] == [
+        'starting', 'step', 'finished', 'already', 'resuming', 'step', 'finished'], story
+    assert story[2].startswith('finished 3 steps') and 'last test_bpd' in story[2]
+    assert story[3].startswith('already finished at step 3 of 3: nothing to do')
+    assert story[4].startswith('resuming from step 3 of 4 (checkpoint ')
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   steps = [r['step'] for r in records if 'train_bpd' in r]
   assert steps == sorted(set(steps)) and max(steps) <= 4, steps   # no step trained twice
@@ -83,9 +91,9 @@ def run_all_modes(config, workdir):
   return ckpts
 
 
-def test_digits_train_resume_eval_sample(tmp_path):
+def test_digits_train_resume_eval_sample(tmp_path, capsys):
   config = tiny(importlib.import_module('configs.digits').get_config(), (8, 8, 1), 5)
-  ckpts = run_all_modes(config, tmp_path)
+  ckpts = run_all_modes(config, tmp_path, capsys)
   assert ckpts, 'no checkpoint written'
 
 
