@@ -21,6 +21,14 @@ def config_argument(argv: Sequence[str]) -> Optional[str]:
   return None
 
 
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+
+
+def shipped_configs() -> list:
+  """Names of the config files beside the package (empty for a non-editable install)."""
+  return sorted(p.name for p in CONFIGS_DIR.glob('*.py') if not p.name.startswith('_'))
+
+
 def prepare_config_import(argv: Sequence[str]) -> None:
   """Raise SystemExit('error: ...') for a missing config file; make its package importable."""
   value = config_argument(argv)
@@ -28,9 +36,8 @@ def prepare_config_import(argv: Sequence[str]) -> None:
     return
   path = pathlib.Path(value.split(':', 1)[0]).expanduser()   # FILE[:overrides] form
   if not path.is_file():
-    here = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-    known = sorted(p.name for p in here.glob('*.py') if not p.name.startswith('_'))
-    hint = f'the shipped configs are in {here}: {", ".join(known)}' if known else (
+    known = shipped_configs()
+    hint = f'the shipped configs are in {CONFIGS_DIR}: {", ".join(known)}' if known else (
         'pass the path of a config file, e.g. configs/cifar10.py from the repository root')
     raise SystemExit(f'error: --config {value}: no such file; {hint}')
   folder = path.resolve().parent

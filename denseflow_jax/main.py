@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from denseflow_jax.config_path import prepare_config_import
+from denseflow_jax.config_path import prepare_config_import, shipped_configs
 
 MODES = ['train', 'eval', 'sample', 'summary', 'interpolate', 'reconstruct', 'sweep', 'fid']
 
@@ -64,9 +64,7 @@ every field: configs/default.py; all flags: --helpfull; documentation: README.md
 
 
 def _help_text() -> str:
-  import pathlib
-  folder = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-  names = sorted(p.name for p in folder.glob('*.py') if not p.name.startswith('_'))
+  names = shipped_configs()
   return HELP.format(configs=', '.join(f'configs/{n}' for n in names) if names else
                      'configs/*.py in the repository')
 

@@ -528,6 +528,27 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                        sample_fn)
 
 
+def _start_message(workdir, checkpoints, phase, latest, start_step, total_steps) -> str:
+  """The first line a run prints: new, resumed, or already finished."""
+  if start_step >= total_steps:
+    return (f'already finished at step {start_step} of {total_steps}: nothing to do '
+            f'(checkpoints in {checkpoints}, metrics in {workdir / METRICS_FILE})')
+  if latest is not None:
+    return f'resuming from step {start_step} of {total_steps} (checkpoint {checkpoints})'
+  return f'starting a new run in {workdir}: {total_steps} steps ({phase})'
+
+
+def _finish_message(workdir, checkpoints, step, seconds, best_metric, last_value, meta) -> str:
+  """The last line a run prints: steps, time, last and best metric, where things are."""
+  parts = [f'finished {step} steps in {seconds:.0f} s']
+  if last_value is not None:
+    parts.append(f'last {best_metric} {last_value:.4f}')
+  if meta.get('best') is not None:
+    parts.append(f'best {meta["best"]:.4f} at step {meta.get("best_step")} ({workdir / BEST_DIR})')
+  return ('; '.join(parts) + f'; checkpoints in {checkpoints}, metrics in '
+          f'{workdir / METRICS_FILE}, samples in {workdir / "samples"}')
+
+
 def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eval_fn,
                 sample_fn) -> TrainState:
   """The body of train_and_evaluate once the checkpointer and the data iterator exist."""
@@ -602,15 +623,10 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
       tqdm.write(message)
 
   started = time.perf_counter()
+  say(_start_message(workdir, checkpointer.directory, phase, latest, start_step, total_steps))
   if start_step >= total_steps:
     log.close()
-    say(f'already finished at step {start_step} of {total_steps}: nothing to do '
-        f'(checkpoints in {checkpointer.directory}, metrics in {workdir / METRICS_FILE})')
     return state
-  if latest is not None:
-    say(f'resuming from step {start_step} of {total_steps} (checkpoint {checkpointer.directory})')
-  else:
-    say(f'starting a new run in {workdir}: {total_steps} steps ({phase})')
   progress = tqdm(total=total_steps, initial=start_step, disable=not is_main,
                   unit='step', dynamic_ncols=True, desc=f'{phase} (compiling)')
   window = {'bpd_sum': 0.0, 'finite': 0, 'skipped': 0, 'skipped_steps': [], 'steps': 0,
@@ -729,14 +745,8 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
     if pending is not None:
       handle(pending)
     progress.close()
-    summary = [f'finished {step} steps in {time.perf_counter() - started:.0f} s']
-    if last_eval.get(best_metric) is not None:
-      summary.append(f'last {best_metric} {last_eval[best_metric]:.4f}')
-    if meta.get('best') is not None:
-      summary.append(f'best {meta["best"]:.4f} at step {meta.get("best_step")} '
-                     f'({workdir / BEST_DIR})')
-    say('; '.join(summary) + f'; checkpoints in {checkpointer.directory}, metrics in '
-        f'{workdir / METRICS_FILE}, samples in {workdir / "samples"}')
+    say(_finish_message(workdir, checkpointer.directory, step, time.perf_counter() - started,
+                        best_metric, last_eval.get(best_metric), meta))
   finally:
     progress.close()
     checkpointer.wait()

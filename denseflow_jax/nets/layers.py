@@ -61,7 +61,7 @@ class Conv2d(nn.Module):
   'SAME' padding equals PyTorch's padding = k // 2 for odd k.
   """
   features: int
-  kernel: int
+  kernel_size: int
   stride: int = 1
   padding: str = 'SAME'
   use_bias: bool = True
@@ -70,10 +70,10 @@ class Conv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    fan_in = self.kernel * self.kernel * x.shape[-1]
+    k = self.kernel_size
+    fan_in = k * k * x.shape[-1]
     init = nn.initializers.zeros if self.zero_init else torch_uniform_init(fan_in)
-    kernel = self.param('kernel', init, (self.kernel, self.kernel, x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param('kernel', init, (k, k, x.shape[-1], self.features), jnp.float32)
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
         self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
