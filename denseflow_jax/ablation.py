@@ -13,7 +13,7 @@ Our reading of Table 4 (the official repository ships only row 6):
 model.noise). A switch overridden on the command line to a value other than the row's is
 a conflict, reported as an error: nothing silently trains a different model than asked.
 """
-from denseflow_jax.spec import ConfigError
+from denseflow_jax.errors import ConfigError
 
 SWITCHES = ('coupling_net', 'cross_unit', 'noise')
 ROWS = {

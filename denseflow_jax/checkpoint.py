@@ -42,6 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from denseflow_jax.errors import CheckpointError
 from denseflow_jax.files import write_json_atomic
 
 CHECKPOINTS_DIR = 'checkpoints'
@@ -54,10 +55,6 @@ FORMAT = 'denseflow_jax.checkpoint/1'
 
 # model.* fields that change speed or memory, not the parameters: they may differ on resume.
 MODEL_FIELDS_FREE_TO_CHANGE = ('compute_dtype', 'remat', 'scan_unroll')
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used with this config; the message says what to do."""
 
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
+from denseflow_jax.errors import ConvertError
 from denseflow_jax.spec import ModelSpec
 
 # (pattern on the official key, replacement giving our path). Applied in order,
@@ -63,10 +64,6 @@ _IGNORED = re.compile(r'(^transforms\.0\.ldj_per_dim$|^transforms\.1\._(shift|sc
                       r'|\.temperature$|\.num_batches_tracked$|\.dist\.buffer$)')
 _LEAF_NAMES = {'weight': 'weight', 'bias': 'bias', 'loc': 'loc', 'log_scale': 'log_scale',
                'shift': 'shift', 'running_mean': 'mean', 'running_var': 'var'}
-
-
-class ConvertError(ValueError):
-  """An official state dict that does not match the configured model."""
 
 
 def flax_location(key: str, ndim: int) -> Optional[Tuple[str, Tuple[str, ...], Optional[int]]]:

@@ -48,6 +48,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from denseflow_jax.errors import DataError
+
 SPLITS = ('train', 'test')
 AUGMENTATIONS = ('none', 'horizontal_flip', 'eta')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
@@ -68,10 +70,6 @@ CELEBA_SIZE = 64                # side after resizing
 ETA_FRACTION = 0.04             # pad and maximal translation, relative to size
 
 _STATE_FORMAT = 'denseflow_jax.data.train_iterator/1'
-
-
-class DataError(ValueError):
-  """Bad data or data settings; the message says what is wrong and the fix."""
 
 
 # ---------------------------------------------------------------------------

@@ -36,17 +36,13 @@ import numpy as np
 import scipy.linalg
 import tqdm
 
+from denseflow_jax.errors import ConfigError, FIDError
 from denseflow_jax.files import write_json_atomic, write_npz_atomic
-from denseflow_jax.spec import ConfigError
 
 SINGULAR_EPS = 1e-6
 IMAGINARY_ATOL = 1e-3
 
 FeatureFn = Callable[[np.ndarray], Any]   # uint8 [B, H, W, C] in 0..255 -> [B, D]
-
-
-class FIDError(ValueError):
-  """Statistics from which no Fréchet distance can be computed."""
 
 
 # ---------------------------------------------------------------- the distance

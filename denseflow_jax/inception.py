@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from denseflow_jax.errors import ConvertError, InceptionWeightsError
 from denseflow_jax.files import write_npz_atomic
-from denseflow_jax.spec import ConfigError
 
 INPUT_SIZE = 299
 MIN_INPUT_SIZE = 75        # the smallest input the strided stages reduce to >= 1 pixel
@@ -62,10 +62,6 @@ CONVERT_COMMAND = f'python -m denseflow_jax.inception --convert {WEIGHTS_FILE} -
 _FID_NUM_CLASSES = 1008
 
 Padding = Union[int, Tuple[int, int]]
-
-
-class InceptionWeightsError(ConfigError):
-  """A missing or wrong Inception weights file (a ConfigError: `main` prints it in one line)."""
 
 
 def _pair(value: Padding) -> Tuple[int, int]:
@@ -374,7 +370,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.nda
 def convert_file(src, out) -> int:
   """pytorch-fid's .pth (or an .npz of its state dict) -> our .npz at `out` (atomic).
   Returns the number of arrays written."""
-  from denseflow_jax.convert import ConvertError, read_state_dict
+  from denseflow_jax.convert import read_state_dict
   src, out = os.fspath(src), os.fspath(out)
   if not os.path.isfile(src):
     raise InceptionWeightsError(f'--convert {src} does not exist; download it from {WEIGHTS_URL}')

@@ -42,7 +42,7 @@ from denseflow_jax import data, evaluate
 from denseflow_jax.files import write_json_atomic, write_npz_atomic
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
-from denseflow_jax.spec import ConfigError
+from denseflow_jax.errors import ConfigError
 
 METHODS = ('linear', 'slerp')
 LATENT_DIR = 'latent'

@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from denseflow_jax.config_path import prepare_config_import, shipped_configs
+from denseflow_jax.errors import DenseFlowError, TrainingInterrupted
 
 MODES = ['train', 'eval', 'sample', 'summary', 'interpolate', 'reconstruct', 'sweep', 'fid']
 
@@ -76,12 +77,6 @@ def main(argv):
     raise SystemExit(f'error: unexpected argument {argv[1]!r}{hint}')
   from absl import logging
   from denseflow_jax import modes
-  from denseflow_jax.checkpoint import CheckpointError
-  from denseflow_jax.data import DataError
-  from denseflow_jax.fid import FIDError
-  from denseflow_jax.spec import ConfigError
-  from denseflow_jax.train import NonFiniteError
-  from denseflow_jax.train import TrainingInterrupted
   logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
   if _MULTIHOST.value:
     import jax
@@ -95,14 +90,14 @@ def main(argv):
                          '--multihost; add it (or drop them for a single-host run)')
   try:
     modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError, NonFiniteError, FIDError) as e:
-    # The message names the problem and the fix: one line, no traceback.
-    raise SystemExit(f'error: {e}') from None
   except TrainingInterrupted as e:   # SIGTERM / Ctrl-C: checkpointed, say how to resume
     command = ' '.join(shlex.quote(a) for a in [os.path.basename(sys.executable), '-m',
                                                  'denseflow_jax.main', *sys.argv[1:]])
     print(f'{e}\n  resume: {command}', file=sys.stderr, flush=True)
     raise SystemExit(e.exit_code) from None
+  except DenseFlowError as e:
+    # The message names the problem and the fix: one line, no traceback.
+    raise SystemExit(f'error: {e}') from None
 
 
 def _parse_flags(argv):

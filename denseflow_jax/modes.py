@@ -4,7 +4,8 @@ import os
 import time
 
 from denseflow_jax import ablation
-from denseflow_jax.spec import ConfigError, spec_from_config
+from denseflow_jax.errors import ConfigError
+from denseflow_jax.spec import spec_from_config
 
 
 def finalize_config(config):

@@ -9,16 +9,14 @@ from typing import Tuple
 
 import jax.numpy as jnp
 
+from denseflow_jax.errors import ConfigError
+
 NUM_LANDMARKS = 4
 NOISE_KINDS = ('preconditioned', 'white')
 COUPLING_NETS = ('dense_attention', 'glow')
 DEQUANTIZATIONS = ('variational', 'uniform')
 CONV1X1_KINDS = ('full', 'lu')
 DTYPES = ('float32', 'bfloat16', 'float16')
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot describe a valid DenseFlow."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,7 +60,9 @@ from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
 from denseflow_jax import model as model_lib
 from denseflow_jax.model import DenseFlow
-from denseflow_jax.spec import ConfigError, spec_from_config
+from denseflow_jax.errors import (CheckpointError, ConfigError, DataError, NonFiniteError,
+                                  TrainingInterrupted)
+from denseflow_jax.spec import spec_from_config
 
 PHASES = ('pretrain', 'finetune')
 OPTIMIZERS = ('adamax', 'adam')
@@ -68,25 +70,6 @@ METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 PRETRAINED_DIR = 'pretrained'
 BEST_DIR = 'best'
-
-
-class NonFiniteError(RuntimeError):
-  """Training produced too many non-finite losses / gradients in a row."""
-
-
-class TrainingInterrupted(Exception):
-  """SIGTERM (preemption) or SIGINT (Ctrl-C) stopped training after a checkpoint.
-
-  Attributes: ``signal_name`` ('SIGTERM' / 'SIGINT'), ``step`` (the checkpointed step),
-  ``exit_code`` (0 for SIGTERM, 130 for SIGINT: what ``main`` exits with).
-  """
-
-  def __init__(self, signal_name: str, step: int, directory):
-    self.signal_name, self.step = signal_name, int(step)
-    self.exit_code = 130 if signal_name == 'SIGINT' else 0
-    super().__init__(f'training stopped by {signal_name} after step {step}; checkpoint saved '
-                     f'in {directory}. Run the same command again (same --config, overrides '
-                     'and --workdir) to resume from it.')
 
 
 @contextlib.contextmanager
@@ -424,7 +407,7 @@ def _check_variables_match(variables, abstract, where: str) -> None:
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     shapes = sorted(k for k in set(got) & set(want) if got[k][0] != want[k][0])
-    raise ckpt_lib.CheckpointError(
+    raise CheckpointError(
         f'the variables in {where} do not fit the configured model: missing {missing[:5]}, '
         f'unexpected {extra[:5]}, shape mismatches {[(k, got[k][0], want[k][0]) for k in shapes[:5]]}; '
         'check the model config')
@@ -716,7 +699,7 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
       else:
         batch = next(iterator)
       if batch.shape != local_shape:
-        raise data_lib.DataError(f'training batch of shape {batch.shape}, expected {local_shape}')
+        raise DataError(f'training batch of shape {batch.shape}, expected {local_shape}')
       state, metrics = train_step(state, global_batch(batch, mesh), train_key)
       if step == start_step:
         progress.set_description(phase)   # the first call compiled the step

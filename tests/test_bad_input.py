@@ -26,15 +26,18 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 
+from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import main as main_lib
 from denseflow_jax import modes
 from denseflow_jax import train
-from denseflow_jax.spec import ConfigError
+from denseflow_jax.errors import ConfigError
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_checkpoint import fake_state, random_variables, tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -113,7 +116,7 @@ def test_truncated_checkpoint_names_the_path_and_the_fallback(two_checkpoints):
       f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
   before = snapshot(workdir)
   checkpointer = ckpt_lib.TrainCheckpointer(workdir)
-  with pytest.raises(ckpt_lib.CheckpointError) as info:
+  with pytest.raises(errors.CheckpointError) as info:
     checkpointer.restore(checkpointer.latest_step(), abstract)
   message = str(info.value)
   print(message[:300], '...', message[-200:])
@@ -134,10 +137,31 @@ def test_garbled_checkpoint_config_is_refused_before_anything_runs(two_checkpoin
   for f in (step_dir / 'config').iterdir():
     f.write_bytes(b'\x8b{garbage' + f.read_bytes()[7:])
   before = snapshot(workdir)
-  with pytest.raises(ckpt_lib.CheckpointError) as info:
+  with pytest.raises(errors.CheckpointError) as info:
     train.train_and_evaluate(config, workdir)
   message = str(info.value)
   print(message)
   assert f'checkpoint {step_dir} cannot be read' in message
   assert f'Move {step_dir} out of' in message and 'previous complete checkpoint (step 2)' in message
   assert snapshot(workdir) == before
+
+
+def test_every_error_of_ours_shares_one_base_that_main_prints_in_one_line(monkeypatch, capsys):
+  """main catches errors.DenseFlowError: whichever of our errors a mode raises, the user sees
+  one 'error:' line and a non-zero exit, never a traceback."""
+  classes = [c for c in vars(errors).values()
+             if isinstance(c, type) and issubclass(c, Exception) and c.__module__ == errors.__name__]
+  assert len(classes) >= 9
+  assert all(issubclass(c, errors.DenseFlowError) for c in classes)
+  for name, value in (('_MODE', 'train'), ('_CONFIG', None), ('_WORKDIR', None),
+                      ('_MULTIHOST', False)):
+    monkeypatch.setattr(main_lib, name, types.SimpleNamespace(value=value))
+  for cls in classes:
+    if cls is errors.TrainingInterrupted:
+      continue
+    def fail(*args, cls=cls):
+      raise cls(f'{cls.__name__} message; set --config.x to fix it')
+    monkeypatch.setattr(modes, 'run', fail)
+    with pytest.raises(SystemExit) as info:
+      main_lib.main(['main'])
+    assert str(info.value.code) == f'error: {cls.__name__} message; set --config.x to fix it'

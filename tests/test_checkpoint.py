@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import train
 
@@ -72,7 +73,7 @@ def test_load_variables_refuses_other_model(tmp_path):
   config.model.growth_rate = 4
   config.model.mid_channels = (16,)
   config.model.remat = True        # a performance knob: allowed to differ
-  with pytest.raises(ckpt_lib.CheckpointError) as info:
+  with pytest.raises(errors.CheckpointError) as info:
     ckpt_lib.load_variables(tmp_path / 'model', config)
   message = str(info.value)
   assert 'model.growth_rate: checkpoint 2, config 4' in message
@@ -81,12 +82,12 @@ def test_load_variables_refuses_other_model(tmp_path):
 
 
 def test_load_variables_errors(tmp_path):
-  with pytest.raises(ckpt_lib.CheckpointError, match='does not exist'):
+  with pytest.raises(errors.CheckpointError, match='does not exist'):
     ckpt_lib.load_variables(tmp_path / 'nothing')
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(ckpt_lib.CheckpointError, match='neither a model checkpoint'):
+  with pytest.raises(errors.CheckpointError, match='neither a model checkpoint'):
     ckpt_lib.load_variables(tmp_path / 'empty')
-  with pytest.raises(ckpt_lib.CheckpointError, match='batch_stats'):
+  with pytest.raises(errors.CheckpointError, match='batch_stats'):
     ckpt_lib.save_variables(tmp_path / 'x', {'params': {}, 'cache': {}}, tiny_config())
 
 
@@ -111,7 +112,7 @@ def test_train_checkpoint_round_trip_and_retention(tmp_path):
   assert checkpointer.stored_config(6) == ckpt_lib.config_to_dict(config)
 
   # EMA on / off changes the state's structure: a clear error, not a crash.
-  with pytest.raises(ckpt_lib.CheckpointError, match='train.ema_decay'):
+  with pytest.raises(errors.CheckpointError, match='train.ema_decay'):
     checkpointer.restore(6, jax.eval_shape(lambda: fake_state(variables, ema=False)))
 
   # The latest checkpoint's variables, plain or EMA, read as standalone variables.
@@ -147,7 +148,7 @@ def test_workdir_with_other_model_is_refused(tmp_path):
   before = sorted(str(p) for p in tmp_path.rglob('*'))
   config.model.block_config = (3,)
   config.model.layers_config = (2,)
-  with pytest.raises(ckpt_lib.CheckpointError) as info:
+  with pytest.raises(errors.CheckpointError) as info:
     train.train_and_evaluate(config, tmp_path)
   message = str(info.value)
   assert 'model.block_config: checkpoint [2], config [3]' in message

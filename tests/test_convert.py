@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from denseflow_jax import checkpoint
-from denseflow_jax.convert import ConvertError, convert_checkpoint
+from denseflow_jax.convert import convert_checkpoint
+from denseflow_jax.errors import ConvertError
 
 
 @pytest.fixture(scope='module')

@@ -9,6 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 import tensorflow_datasets as tfds
 
+from denseflow_jax import errors
 from denseflow_jax import data
 
 
@@ -84,9 +85,9 @@ def test_digits_splits_follow_the_stated_permutation():
 
 def test_digits_rejects_too_few_bits_and_unknown_split():
   config = make_config()
-  with pytest.raises(data.DataError, match='num_bits=5'):
+  with pytest.raises(errors.DataError, match='num_bits=5'):
     data.load_split(config.data, 'train', (8, 8, 1), num_bits=4)
-  with pytest.raises(data.DataError, match="'validation'"):
+  with pytest.raises(errors.DataError, match="'validation'"):
     data.load_split(config.data, 'validation')
 
 
@@ -133,15 +134,15 @@ def _save(path, **arrays):
 def test_npz_errors(tmp_path, arrays, image_shape, num_bits, expected):
   path = _save(tmp_path / 'bad.npz', **arrays)
   config = make_config('npz', path)
-  with pytest.raises(data.DataError, match=expected):
+  with pytest.raises(errors.DataError, match=expected):
     data.load_split(config.data, 'test', image_shape, num_bits)
 
 
 def test_npz_missing_file_and_missing_source(tmp_path):
   config = make_config('npz', str(tmp_path / 'nope.npz'))
-  with pytest.raises(data.DataError, match='does not exist.*data.source'):
+  with pytest.raises(errors.DataError, match='does not exist.*data.source'):
     data.load_split(config.data, 'train')
-  with pytest.raises(data.DataError, match='needs data.source'):
+  with pytest.raises(errors.DataError, match='needs data.source'):
     data.load_split(make_config('npz', '').data, 'train')
 
 
@@ -171,23 +172,23 @@ def test_folder_happy_path_rgb_and_grey(tmp_path):
   expected = np.asarray(Image.fromarray(train[1]).convert('L'))[:, :, None]
   assert grey[1].shape == (6, 5, 1)
   np.testing.assert_array_equal(grey[1], expected)
-  with pytest.raises(data.DataError, match='config.model.image_shape'):
+  with pytest.raises(errors.DataError, match='config.model.image_shape'):
     data.load_split(config.data, 'train', (5, 5, 3))
 
 
 def test_folder_unreadable_file_and_mixed_sizes(tmp_path):
   _write_pngs(tmp_path / 'a' / 'train', np.zeros((2, 6, 6, 3), np.uint8))
   (tmp_path / 'a' / 'train' / 'broken.png').write_bytes(b'not a png at all')
-  with pytest.raises(data.DataError, match='broken.png'):
+  with pytest.raises(errors.DataError, match='broken.png'):
     data.load_split(make_config('folder', str(tmp_path / 'a')).data, 'train')
 
   _write_pngs(tmp_path / 'b' / 'train', np.zeros((2, 6, 6, 3), np.uint8))
   Image.fromarray(np.zeros((7, 6, 3), np.uint8)).save(
       tmp_path / 'b' / 'train' / 'odd.png')
-  with pytest.raises(data.DataError, match=r'odd.png is 7x6.*same size'):
+  with pytest.raises(errors.DataError, match=r'odd.png is 7x6.*same size'):
     data.load_split(make_config('folder', str(tmp_path / 'b')).data, 'train')
 
-  with pytest.raises(data.DataError, match='no test/ sub-folder'):
+  with pytest.raises(errors.DataError, match='no test/ sub-folder'):
     data.load_split(make_config('folder', str(tmp_path / 'b')).data, 'test')
 
 
@@ -196,7 +197,7 @@ def test_folder_truncated_file_fails_on_read_naming_it(tmp_path):
   path = tmp_path / 'train' / 'img_000.png'
   path.write_bytes(path.read_bytes()[:60])     # header intact, data cut
   src = data.load_split(make_config('folder', str(tmp_path)).data, 'train')
-  with pytest.raises(data.DataError, match='img_000.png'):
+  with pytest.raises(errors.DataError, match='img_000.png'):
     src[0]
 
 
@@ -214,7 +215,7 @@ def test_tfds_cifar10_with_mock_data():
     assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.uint8
     masks = [mask for _, mask in data.iterate_eval(config)]
     assert [m.sum() for m in masks] == [4, 4, 2]
-    with pytest.raises(data.DataError, match='config.model.image_shape'):
+    with pytest.raises(errors.DataError, match='config.model.image_shape'):
       data.load_split(config.data, 'train', (64, 64, 3))
 
 
@@ -260,7 +261,7 @@ def test_unprepared_tfds_dataset_names_the_prepare_command(tmp_path,
   monkeypatch.setattr(tfds, 'data_source', spy)
   config = make_config('cifar10', image_shape=(32, 32, 3))
   config.data.tfds_data_dir = str(tmp_path)
-  with pytest.raises(data.DataError) as info:
+  with pytest.raises(errors.DataError) as info:
     data.load_split(config.data, 'train')
   assert calls and calls[0]['download'] is False     # never downloads
   message = str(info.value)
@@ -273,7 +274,7 @@ def test_unprepared_tfds_dataset_names_the_prepare_command(tmp_path,
 
 def test_unknown_dataset_name():
   config = make_config('no_such_dataset_xyz')
-  with pytest.raises(data.DataError, match='neither one of'):
+  with pytest.raises(errors.DataError, match='neither one of'):
     data.load_split(config.data, 'train')
 
 
@@ -333,7 +334,7 @@ def test_augment_is_deterministic_and_changes_images():
                           image[:, ::-1]) for s in range(40)]
   assert 5 < sum(flips) < 35
   np.testing.assert_array_equal(data.augment(image, 'none', 3), image)
-  with pytest.raises(data.DataError, match='augmentation'):
+  with pytest.raises(errors.DataError, match='augmentation'):
     data.augment(image, 'rotate', 0)
 
 
@@ -410,15 +411,15 @@ def test_resume_with_other_process_count_and_mismatched_settings():
   np.testing.assert_array_equal(next(half), next(single)[16:])
 
   bigger = data.make_train_iterator(make_config(batch_size=64), source=source)
-  with pytest.raises(data.DataError, match='global_batch'):
+  with pytest.raises(errors.DataError, match='global_batch'):
     bigger.set_state(state)
-  with pytest.raises(data.DataError, match='format'):
+  with pytest.raises(errors.DataError, match='format'):
     bigger.set_state({'next_index': 3})
   # A new layout is applied by step count only without grain workers.
   workers = data.make_train_iterator(make_config(batch_size=32,
                                                  worker_count=1), 1, 2,
                                      source=source)
-  with pytest.raises(data.DataError, match='worker_count=0'):
+  with pytest.raises(errors.DataError, match='worker_count=0'):
     workers.set_state(state)
   workers.close()
 
@@ -448,12 +449,12 @@ def test_grain_workers_give_the_same_batches_and_resume():
 
 def test_batch_size_checks():
   config = make_config(batch_size=30)
-  with pytest.raises(data.DataError, match='multiple of 4'):
+  with pytest.raises(errors.DataError, match='multiple of 4'):
     data.make_train_iterator(config, 0, 4)
-  with pytest.raises(data.DataError, match='multiple of 4'):
+  with pytest.raises(errors.DataError, match='multiple of 4'):
     data.steps_per_epoch(config, process_count=4)
   assert data.steps_per_epoch(config) == 1500 // 30
-  with pytest.raises(data.DataError, match='fewer than one global batch'):
+  with pytest.raises(errors.DataError, match='fewer than one global batch'):
     data.steps_per_epoch(make_config(batch_size=2048))
 
 
@@ -475,7 +476,7 @@ def test_eval_covers_each_example_once_in_order(id_npz):
   first = list(data.iterate_eval(config, 'test', batch_size=4, num_examples=6))
   assert np.concatenate([ids(x)[m] for x, m in first]).tolist() == list(
       range(100, 106))
-  with pytest.raises(data.DataError, match='num_examples'):
+  with pytest.raises(errors.DataError, match='num_examples'):
     data.iterate_eval(config, 'test', batch_size=4, num_examples=14)
 
 
@@ -500,5 +501,5 @@ def test_eval_over_two_processes(id_npz):
 def test_settings_the_dataset_does_not_read_are_refused(dataset, field, value, match):
   config = ml_collections.ConfigDict({'dataset': dataset, 'source': '', 'tfds_data_dir': ''})
   config[field] = value
-  with pytest.raises(data.DataError, match=match):
+  with pytest.raises(errors.DataError, match=match):
     data.load_split(config, 'train')

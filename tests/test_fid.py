@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from denseflow_jax import errors
 from denseflow_jax import data, evaluate, fid, inception, modes
 from denseflow_jax.model import init_variables, make_model
-from denseflow_jax.spec import ConfigError
+from denseflow_jax.errors import ConfigError
 
 
 def random_spd(rng, d):
@@ -63,10 +64,10 @@ def test_frechet_distance_of_a_set_with_itself_is_zero():
 
 
 def test_frechet_distance_rejects_invalid_statistics():
-  with pytest.raises(fid.FIDError, match='do not match'):
+  with pytest.raises(errors.FIDError, match='do not match'):
     fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
   # Not a covariance: the product has a negative eigenvalue, its root is imaginary.
-  with pytest.raises(fid.FIDError, match='imaginary component'):
+  with pytest.raises(errors.FIDError, match='imaginary component'):
     fid.frechet_distance(np.zeros(2), np.diag([1.0, 1.0]), np.zeros(2), np.diag([-1.0, 1.0]))
 
 
@@ -91,7 +92,7 @@ def test_streaming_stats_equal_numpy_for_any_order_and_batching():
     np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-13)
     np.testing.assert_allclose(s.covariance, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-10)
-  with pytest.raises(fid.FIDError, match='at least 2'):
+  with pytest.raises(errors.FIDError, match='at least 2'):
     _ = fid.ActivationStats(9).update(x[:1]).covariance
 
 
@@ -266,21 +267,21 @@ def test_weights_errors_name_the_file_and_the_fix(converted, tmp_path):
     arrays = {k: full[k] for k in full.files}
   arrays.pop('params/Mixed_6e/branch7x7dbl_3/conv/kernel')
   np.savez(tmp_path / 'partial.npz', **arrays)
-  with pytest.raises(inception.InceptionWeightsError,
+  with pytest.raises(errors.InceptionWeightsError,
                      match=r'(?s)partial\.npz is not a converted FID Inception.*'
                            r'python -m denseflow_jax\.inception --convert.*'
                            r'missing params/Mixed_6e/branch7x7dbl_3/conv/kernel'):
     inception.load_inception_params(tmp_path / 'partial.npz')
-  with pytest.raises(inception.InceptionWeightsError, match=r'nowhere\.npz does not exist.*'
+  with pytest.raises(errors.InceptionWeightsError, match=r'nowhere\.npz does not exist.*'
                      r'pytorch-fid/releases/download/fid_weights'):
     inception.load_inception_params(tmp_path / 'nowhere.npz')
   (npz.parent / 'raw.pth').write_bytes(b'not read')
-  with pytest.raises(inception.InceptionWeightsError, match='PyTorch file; convert it first'):
+  with pytest.raises(errors.InceptionWeightsError, match='PyTorch file; convert it first'):
     inception.load_inception_params(npz.parent / 'raw.pth')
   # torchvision's ImageNet InceptionV3 (1000 classes) is a different network.
   state = dict(sd)
   state['fc.weight'] = np.zeros((1000, 2048), np.float32)
-  with pytest.raises(inception.InceptionWeightsError, match="torchvision's ImageNet"):
+  with pytest.raises(errors.InceptionWeightsError, match="torchvision's ImageNet"):
     inception.convert_state_dict(state)
   with pytest.raises(SystemExit, match=r'error: --convert .*absent\.pth does not exist'):
     inception.main(['--convert', str(tmp_path / 'absent.pth'), '--out', str(tmp_path / 'x.npz')])

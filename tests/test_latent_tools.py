@@ -19,7 +19,7 @@ import pytest
 
 from denseflow_jax import checkpoint, data, latent_tools, modes
 from denseflow_jax.model import DenseFlow, draw_noise, init_variables, make_model
-from denseflow_jax.spec import ConfigError
+from denseflow_jax.errors import ConfigError
 
 NUM_BITS = 5
 BATCH = 4          # every batch our own jitted functions see (one compile each)

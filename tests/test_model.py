@@ -12,7 +12,8 @@ from denseflow_jax import ablation
 from denseflow_jax import model as model_lib
 from denseflow_jax import modes
 from denseflow_jax.model import DenseFlow
-from denseflow_jax.spec import ConfigError, ModelSpec, spec_from_config
+from denseflow_jax.errors import ConfigError
+from denseflow_jax.spec import ModelSpec, spec_from_config
 
 
 def _summary_total(capsys, config_name, **model_overrides):

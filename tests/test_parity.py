@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from denseflow_jax import train
-from denseflow_jax.convert import ConvertError, convert_state_dict
+from denseflow_jax.convert import convert_state_dict
+from denseflow_jax.errors import ConvertError
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.nets.coupling_net import DenseAttentionNet

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import train
 
@@ -200,7 +201,7 @@ def test_nonfinite_steps_are_logged_and_never_checkpointed(tmp_path):
   config.checkpoint = str(tmp_path / 'bad')
   config.train.max_nonfinite_in_row = 10
   config.train.checkpoint_every_steps = 2
-  with pytest.raises(train.NonFiniteError, match='refusing to checkpoint step 2: the '
+  with pytest.raises(errors.NonFiniteError, match='refusing to checkpoint step 2: the '
                                                  'parameters are not finite') as info:
     train.train_and_evaluate(config, tmp_path / 'run')
   print(info.value)

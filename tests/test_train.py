@@ -14,11 +14,13 @@ import pytest
 from sklearn.datasets import load_digits
 
 from configs import default
+from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
 from denseflow_jax import train
 from denseflow_jax.model import DenseFlow, draw_noise
-from denseflow_jax.spec import ConfigError, spec_from_config
+from denseflow_jax.errors import ConfigError
+from denseflow_jax.spec import spec_from_config
 
 BATCH = 16
 NUM_TRAIN = 48          # 3 steps per epoch
@@ -318,7 +320,7 @@ def test_nonfinite_run_stops_without_checkpoint(config, tmp_path, compiled):
   ckpt_lib.save_variables(tmp_path / 'bad', variables, config)
   config.checkpoint = str(tmp_path / 'bad')
   config.train.max_nonfinite_in_row = 2
-  with pytest.raises(train.NonFiniteError, match='2 consecutive steps'):
+  with pytest.raises(errors.NonFiniteError, match='2 consecutive steps'):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert ckpt_lib.TrainCheckpointer(tmp_path / 'run').latest_step() is None
   assert [r['skipped'] for r in read_metrics(tmp_path / 'run')] == [1, 1]
