@@ -11,7 +11,9 @@ Randomness is explicit. `log_prob` takes a `noise` pytree
     {'dequantization': [B, H/2, W/2, 4C] N(0,1) (or [B, H, W, C] U[0,1) for uniform),
      'cross_unit': ((e_1, ..., e_{M_b - 1}) for each block b)}   e: [B, h_b, w_b, growth]
 and `inverse` takes the latent and the dropped halves, so tests can hand in
-recorded noise; `draw_noise` / `draw_sample_noise` make them from a key.
+recorded noise; `draw_noise` / `draw_sample_noise` make them from a key. Evaluation and
+sampling with keys live in evaluate.py (one key per row: a row's bound or image does not
+depend on the batch it is computed in); the train step draws per batch (train.py).
 """
 import functools
 import math
@@ -21,8 +23,7 @@ import flax.linen as nn
 import jax
 
 from denseflow_jax.flows.dense_block import DenseFlowBlock
-from denseflow_jax.flows.dequantization import (UniformDequantization, VariationalDequantization,
-                                                dequantization_inverse)
+from denseflow_jax.flows.dequantization import UniformDequantization, VariationalDequantization
 from denseflow_jax.flows.gaussian import ChannelGaussian
 from denseflow_jax.flows.squeeze import squeeze, unsqueeze
 from denseflow_jax.flows.squeeze_drop import squeeze_drop_forward, squeeze_drop_inverse
@@ -152,16 +153,3 @@ def init_variables(model: DenseFlow, rng, x, noise=None):
 
 def bits_per_dim(log_prob_nats, spec: ModelSpec):
   return -log_prob_nats / (spec.dims * math.log(2.0))
-
-
-def log_prob(model: DenseFlow, variables, x, rng, train: bool = False):
-  """One-sample bound log P(x) in nats [B] with fresh noise from `rng` (evaluation mode)."""
-  noise = draw_noise(model.spec, rng, x.shape[0])
-  return model.apply(variables, x, noise, train=train, method=DenseFlow.log_prob)
-
-
-def sample(model: DenseFlow, variables, rng, num: int, temperature: float = 1.0):
-  """`num` uint8 images [num, H, W, C] at `temperature` (BatchNorm in evaluation mode)."""
-  eps, dropped = draw_sample_noise(model.spec, rng, num)
-  y = model.apply(variables, eps, dropped, temperature, method=DenseFlow.sample_continuous)
-  return dequantization_inverse(y, model.spec.num_bits)

@@ -1,29 +1,27 @@
 """Training: train state, learning-rate schedule, the data-parallel train step, the loop.
 
-    mesh = make_mesh()                                        # 1-D, axis 'data'
+    mesh = sharding.make_mesh()                               # 1-D, axis 'data'
     init, to_state = make_state_init(spec, config, mesh, steps_per_epoch)
-    state = to_state(init(init_key, global_batch(first_local_batch, mesh)))
+    state = to_state(init(init_key, sharding.global_batch(first_local_batch, mesh)))
     step_fn = make_train_step(spec, config, mesh, steps_per_epoch)  # jitted once, donates state
-    state, metrics = step_fn(state, global_batch(local_batch, mesh), base_key)
+    state, metrics = step_fn(state, sharding.global_batch(local_batch, mesh), base_key)
 
 or all of it, with checkpoints, logs and resumption: ``train_and_evaluate(config, workdir)``.
+The loop reads as a story (``_train_loop``): restore or initialise, plan the steps, then
+after each step ask the plan whether it is time to log, evaluate, sample or save.
 
-The loss is the mean bits/dim of the one-sample bound -log p(x) (model.log_prob with
-fresh noise). The RNG is never stored: step n uses ``fold_in(base_key, n)``
+The loss is the mean bits/dim of the one-sample bound -log p(x) (DenseFlow.log_prob with
+noise drawn by model.draw_noise). The RNG is never stored: step n uses ``fold_in(base_key, n)``
 (VDM style), so a resumed run draws the same noise as an uninterrupted one.
 
-Data parallelism: a 1-D mesh over all devices (axis 'data'); the global batch is
-sharded on its first axis, the state is replicated; XLA inserts the gradient
-all-reduce, and BatchNorm / ActNorm-init statistics are over the global batch, so
-results do not depend on the device count. Several processes (hosts): each reads
-``train.batch_size // process_count`` rows (data.make_train_iterator) and the mesh is
-process-major, so process p's rows are rows [p * b, (p + 1) * b) of the global batch:
-the same global batches, hence the same results up to float rounding, on any number of
-hosts (tests/test_multihost.py).
+Data parallelism (sharding.py): the global batch is sharded over all devices of all
+processes, the state replicated; results do not depend on the device or host count.
 
 Non-finite steps: if the loss or any gradient is not finite the update is skipped
 inside the step (params, batch_stats, opt_state and EMA stay bit-identical) and the
-counters grow; the loop stops after ``train.max_nonfinite_in_row`` skipped steps in a row.
+counters grow. The loop looks at the counters where it syncs anyway (log lines,
+evaluations, samples, checkpoints) and stops once ``train.max_nonfinite_in_row`` updates in
+a row were skipped.
 
 Learning rate (pretrain, official recipe):
     lr(step) = train.lr * min(1, step / train.warmup_steps) * train.gamma ** (step // steps_per_epoch)
@@ -39,66 +37,35 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
 import pathlib
-import signal
-import threading
 import time
 from typing import Any, Callable, Mapping, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
 from denseflow_jax import model as model_lib
-from denseflow_jax.model import DenseFlow
 from denseflow_jax.errors import (CheckpointError, ConfigError, DataError, NonFiniteError,
                                   TrainingInterrupted)
+from denseflow_jax.interrupt import stop_signals
+from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow
+from denseflow_jax.model import DenseFlow
+from denseflow_jax.sharding import (batch_sharding, check_batch_divisible, global_batch,
+                                    make_mesh, replicated)
 from denseflow_jax.spec import spec_from_config
 
 PHASES = ('pretrain', 'finetune')
 OPTIMIZERS = ('adamax', 'adam')
-METRICS_FILE = 'metrics.jsonl'
-TENSORBOARD_DIR = 'tensorboard'
 PRETRAINED_DIR = 'pretrained'
 BEST_DIR = 'best'
-
-
-@contextlib.contextmanager
-def _stop_signals():
-  """Yields a dict whose 'signal' becomes the name of the first SIGTERM / SIGINT received
-  (the loop then finishes its step, checkpoints and stops); a second SIGINT raises
-  KeyboardInterrupt at once. The previous handlers are restored on exit. Outside the main
-  thread (where handlers cannot be installed) nothing is installed."""
-  flag = {'signal': None}
-  if threading.current_thread() is not threading.main_thread():
-    yield flag
-    return
-
-  def handler(signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    if flag['signal'] is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt   # second Ctrl-C: abort now (the last checkpoint stays)
-    if flag['signal'] is None:
-      flag['signal'] = name
-      logging.warning('%s received: finishing the current step, then checkpointing and '
-                      'stopping (Ctrl-C again aborts without a checkpoint)', name)
-
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield flag
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
 
 
 @flax.struct.dataclass
@@ -224,52 +191,6 @@ def make_lr_schedule(settings: StepSettings) -> Callable[[Any], jax.Array]:
     epoch = (step // steps_per_epoch).astype(jnp.float32)
     return (lr * warm * gamma ** epoch).astype(jnp.float32)
   return schedule
-
-
-# ---------------------------------------------------------------------------
-# Sharding.
-# ---------------------------------------------------------------------------
-
-
-def process_major(devices) -> list:
-  """``devices`` ordered by (process_index, id): each process's devices form one block, in
-  process order. :func:`global_batch` gives each device the rows of the global batch at its
-  mesh position, so process p's local rows then land at rows [p * b, (p + 1) * b), the rows
-  data.make_train_iterator gives it; with another order (jax.devices() sorts by id, which
-  need not follow the hosts) the rows of the global batch would be permuted, and with them
-  each row's noise, making results depend on the host layout."""
-  return sorted(devices, key=lambda d: (d.process_index, d.id))
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """1-D data-parallel mesh over all devices, process-major (:func:`process_major`). Auto
-  axis: jax.make_mesh would default to Explicit."""
-  devices = process_major(jax.devices()) if devices is None else devices
-  return jax.sharding.Mesh(np.asarray(devices), ('data',))
-
-
-def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
-
-
-def replicated(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def check_batch_divisible(batch_size: int, mesh) -> None:
-  n = mesh.size
-  if int(batch_size) % n:
-    raise ConfigError(
-        f'train.batch_size = {batch_size} (the global batch) does not divide over the {n} '
-        f'devices; set --config.train.batch_size to a multiple of {n}, e.g. '
-        f'{max(n, int(batch_size) // n * n)}')
-
-
-def global_batch(local_batch: np.ndarray, mesh) -> jax.Array:
-  """This process's rows -> the global batch, sharded over the mesh's 'data' axis."""
-  sharding = batch_sharding(mesh)
-  shape = (local_batch.shape[0] * jax.process_count(),) + local_batch.shape[1:]
-  return jax.make_array_from_process_local_data(sharding, local_batch, shape)
 
 
 # ---------------------------------------------------------------------------
@@ -413,43 +334,6 @@ def _check_variables_match(variables, abstract, where: str) -> None:
         'check the model config')
 
 
-class _MetricsLog:
-  """metrics.jsonl and TensorBoard scalars (process 0 only)."""
-
-  def __init__(self, workdir: pathlib.Path, resume_step: Optional[int], enabled: bool):
-    self.enabled = enabled
-    self.path = workdir / METRICS_FILE
-    self.writer = None
-    if not enabled:
-      return
-    workdir.mkdir(parents=True, exist_ok=True)
-    if resume_step is not None and self.path.exists():
-      # Drop records the interrupted run wrote after the checkpoint we resume from.
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get('step', 0) <= resume_step]
-      self.path.write_text(''.join(line + '\n' for line in kept))
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    # TensorBoard drops the events at steps >= purge_step: those after the checkpoint, not
-    # the ones at its own step (a rerun of a finished run would lose its last points).
-    purge = None if resume_step is None else resume_step + 1
-    self.writer = SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=purge)
-
-  def write(self, record: Mapping, prefix: str) -> None:
-    if not self.enabled:
-      return
-    record = {k: (v.item() if hasattr(v, 'item') else v) for k, v in record.items()}
-    with self.path.open('a') as f:
-      f.write(json.dumps(record, sort_keys=True) + '\n')
-    for k, v in record.items():
-      if k not in ('step',) and isinstance(v, (int, float)) and not isinstance(v, bool):
-        self.writer.add_scalar(f'{prefix}/{k}', v, record['step'])
-    self.writer.flush()
-
-  def close(self):
-    if self.writer is not None:
-      self.writer.close()
-
-
 _all_finite_jit = jax.jit(_all_finite)
 
 
@@ -532,27 +416,43 @@ def _finish_message(workdir, checkpoints, step, seconds, best_metric, last_value
           f'{workdir / METRICS_FILE}, samples in {workdir / "samples"}')
 
 
-def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eval_fn,
-                sample_fn) -> TrainState:
-  """The body of train_and_evaluate once the checkpointer and the data iterator exist."""
-  t = config.train
-  phase = _train_get(t, 'phase', 'pretrain')
-  is_main = jax.process_index() == 0
-  steps_per_epoch = iterator.steps_per_epoch
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """When the loop logs, evaluates, samples and saves (one place for the step arithmetic).
 
-  settings = StepSettings.from_config(config, steps_per_epoch)
-  init_fn, to_state_fn = _compiled_init(spec, settings, mesh)
-  rep = replicated(mesh)
-  local_shape = (int(t.batch_size) // jax.process_count(), *spec.image_shape)
-  batch_struct = jax.ShapeDtypeStruct((int(t.batch_size), *spec.image_shape), jnp.uint8)
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-  abstract_variables = jax.eval_shape(init_fn, init_key, batch_struct)
-  abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                                jax.eval_shape(to_state_fn, abstract_variables))
+  Log every ``log_every`` steps; evaluate every ``eval_every`` epochs; sample every
+  ``sample_every`` epochs; checkpoint every ``checkpoint_every`` steps; and at the last
+  step log, evaluate and checkpoint in any case."""
+  total: int
+  steps_per_epoch: int
+  log_every: int
+  checkpoint_every: int
+  eval_every: int
+  sample_every: int
 
-  # ---- initial state: resume, converted checkpoint, or data-dependent init ----
-  meta = {}
-  first_batch = None
+  def _every_epochs(self, step: int, epochs: int) -> bool:
+    epoch, rest = divmod(step, self.steps_per_epoch)
+    return rest == 0 and epoch % epochs == 0
+
+  def log(self, step: int) -> bool:
+    return step % self.log_every == 0 or step == self.total
+
+  def evaluate(self, step: int) -> bool:
+    return self._every_epochs(step, self.eval_every) or step == self.total
+
+  def sample(self, step: int) -> bool:
+    return self._every_epochs(step, self.sample_every)
+
+  def save(self, step: int) -> bool:
+    return step % self.checkpoint_every == 0 or step == self.total
+
+
+def _initial_state(config, workdir, checkpointer, latest, iterator, init_fn, to_state_fn,
+                   abstract_state, abstract_variables, init_key, mesh):
+  """(state, meta, first_batch): the latest checkpoint of the workdir, else the variables
+  of config.checkpoint, else the data-dependent (ActNorm) initialisation on the first
+  batch, which step 0 then trains on (first_batch is None otherwise)."""
+  phase = _train_get(config.train, 'phase', 'pretrain')
   if latest is not None:
     state, data_state, meta = checkpointer.restore(latest, abstract_state)
     if phase == 'pretrain' and meta.get('phase') == 'finetune':
@@ -560,180 +460,164 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
                         "--config.train.phase=finetune")
     iterator.set_state(data_state)
     logging.info('resumed from %s step %d', checkpointer.directory, latest)
-  elif config.get('checkpoint', ''):
+    return state, meta, None
+  if config.get('checkpoint', ''):
     variables = ckpt_lib.load_variables(config.checkpoint)
     _check_variables_match(variables, abstract_variables, config.checkpoint)
-    state = to_state_fn(jax.device_put(variables, rep))
     logging.info('starting from the variables in %s', config.checkpoint)
+    return to_state_fn(jax.device_put(variables, replicated(mesh))), {}, None
+  first_batch = next(iterator)
+  return to_state_fn(init_fn(init_key, global_batch(first_batch, mesh))), {}, first_batch
+
+
+def _plan_phase(config, workdir, state, start_step, latest, meta, steps_per_epoch):
+  """(total_steps, meta) for this phase. A fine-tune that starts from a pretraining
+  checkpoint of the workdir first copies the pretrained variables to WORKDIR/pretrained."""
+  t = config.train
+  if _train_get(t, 'phase', 'pretrain') != 'finetune':
+    total = int(t.num_steps) if int(t.num_steps) > 0 else int(t.epochs) * steps_per_epoch
+    return total, dict(meta, phase='pretrain')
+  if meta.get('phase') == 'finetune':
+    finetune_start = int(meta['finetune_start_step'])
   else:
-    # Data-dependent (ActNorm) initialisation on the first batch, which step 0 then trains on.
-    first_batch = next(iterator)
-    state = to_state_fn(init_fn(init_key, global_batch(first_batch, mesh)))
+    finetune_start = start_step
+    if latest is not None:
+      logging.info('saving the pretrained variables to %s', workdir / PRETRAINED_DIR)
+      ckpt_lib.save_variables(workdir / PRETRAINED_DIR, eval_variables(state, use_ema=False),
+                              config, {'step': start_step})
+  length = int(t.num_steps) if int(t.num_steps) > 0 else int(t.finetune_epochs) * steps_per_epoch
+  return finetune_start + length, dict(meta, phase='finetune', finetune_start_step=finetune_start)
+
+
+def _batches(first_batch, iterator, local_shape):
+  """The training batches: the init batch first (if any), then the stream; each checked."""
+  if first_batch is not None:
+    yield first_batch
+  for batch in iterator:
+    if batch.shape != local_shape:
+      raise DataError(f'training batch of shape {batch.shape}, expected {local_shape}')
+    yield batch
+
+
+def _check_nonfinite(window: MetricsWindow, step: int, max_bad: int, directory) -> None:
+  bad = window.nonfinite_in_row()
+  if bad >= max_bad:
+    raise NonFiniteError(
+        f'{bad} consecutive steps (up to step {step}) had a non-finite loss or gradient '
+        f'(train.max_nonfinite_in_row = {max_bad}); stopped without checkpointing them. '
+        'Lower train.lr, set train.grad_clip, or resume from the last checkpoint in '
+        f'{directory}')
+
+
+def _save(checkpointer, step, state, iterator, config, meta) -> None:
+  if not _is_finite_tree((state.params, state.batch_stats, state.ema_params)):
+    raise NonFiniteError(
+        f'refusing to checkpoint step {step}: the parameters are not finite (the last '
+        f'checkpoint in {checkpointer.directory} is kept). Lower train.lr, set '
+        'train.grad_clip, or resume from that checkpoint')
+  # orbax copies the arrays to the host before save() returns (synchronous device-to-host
+  # transfer), so the next step may donate the state's buffers.
+  checkpointer.save(step, state, iterator.get_state(), config, meta)
+
+
+def _evaluate(eval_fn, state, step, epoch, config, workdir, meta, log, say) -> dict:
+  """Runs eval_fn, logs and prints its results, and saves WORKDIR/best when the best metric
+  improves (into ``meta``, which the next checkpoint stores)."""
+  results = {k: float(v) for k, v in (eval_fn(state, step) or {}).items()}
+  if not results:
+    return results
+  log.write({'step': step, 'epoch': epoch, **results}, 'eval')
+  say(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+  best_metric = _train_get(config.train, 'best_metric', 'test_bpd')
+  value = results.get(best_metric)
+  if value is not None and math.isfinite(value) and value < meta.get('best', math.inf):
+    meta['best'], meta['best_step'] = value, step
+    use_ema = bool(config.eval.get('use_ema', True)) if 'eval' in config else True
+    ckpt_lib.save_variables(workdir / BEST_DIR, eval_variables(state, use_ema), config,
+                            {'step': step, best_metric: value})
+  return results
+
+
+def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eval_fn,
+                sample_fn) -> TrainState:
+  """The body of train_and_evaluate once the checkpointer and the data iterator exist."""
+  t = config.train
+  phase = _train_get(t, 'phase', 'pretrain')
+  is_main = jax.process_index() == 0
+  steps_per_epoch = iterator.steps_per_epoch
+  settings = StepSettings.from_config(config, steps_per_epoch)
+  init_fn, to_state_fn = _compiled_init(spec, settings, mesh)
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(int(config.seed)))
+  batch_struct = jax.ShapeDtypeStruct((int(t.batch_size), *spec.image_shape), jnp.uint8)
+  abstract_variables = jax.eval_shape(init_fn, init_key, batch_struct)
+  abstract_state = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
+      jax.eval_shape(to_state_fn, abstract_variables))
+
+  # ---- restore or initialise; plan the steps ----
+  state, meta, first_batch = _initial_state(
+      config, workdir, checkpointer, latest, iterator, init_fn, to_state_fn, abstract_state,
+      abstract_variables, init_key, mesh)
   start_step = int(jax.device_get(state.step))
-
-  if phase == 'finetune':
-    if meta.get('phase') == 'finetune':
-      finetune_start = int(meta['finetune_start_step'])
-    else:
-      finetune_start = start_step
-      if latest is not None:
-        logging.info('saving the pretrained variables to %s', workdir / PRETRAINED_DIR)
-        ckpt_lib.save_variables(workdir / PRETRAINED_DIR, eval_variables(state, use_ema=False),
-                                config, {'step': start_step})
-    length = int(t.num_steps) if int(t.num_steps) > 0 else int(t.finetune_epochs) * steps_per_epoch
-    total_steps = finetune_start + length
-    meta = dict(meta, phase='finetune', finetune_start_step=finetune_start)
-  else:
-    total_steps = int(t.num_steps) if int(t.num_steps) > 0 else int(t.epochs) * steps_per_epoch
-    meta = dict(meta, phase='pretrain')
-  best_metric = _train_get(t, 'best_metric', 'test_bpd')
-  use_ema = bool(config.eval.get('use_ema', True)) if 'eval' in config else True
-
-  train_step = make_train_step(spec, config, mesh, steps_per_epoch)
-  # A fresh start also drops the records of an earlier attempt killed before its first
-  # checkpoint.
-  log = _MetricsLog(workdir, start_step, is_main)
-  max_bad = int(t.max_nonfinite_in_row)
-  log_every = int(t.log_every)
-  eval_every = int(_train_get(t, 'eval_every_epochs', 1))
-  sample_every = int(_train_get(t, 'sample_every_epochs', 1))
-
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  def say(message):
-    """One line of the run's story on the console (process 0), above the progress bar."""
-    if is_main:
-      tqdm.write(message)
-
-  started = time.perf_counter()
-  say(_start_message(workdir, checkpointer.directory, phase, latest, start_step, total_steps))
-  if start_step >= total_steps:
-    log.close()
+  total, meta = _plan_phase(config, workdir, state, start_step, latest, meta, steps_per_epoch)
+  plan = _Plan(total, steps_per_epoch, int(t.log_every), int(t.checkpoint_every_steps),
+               int(_train_get(t, 'eval_every_epochs', 1)),
+               int(_train_get(t, 'sample_every_epochs', 1)))
+  say = tqdm.write if is_main else lambda message: None
+  say(_start_message(workdir, checkpointer.directory, phase, latest, start_step, total))
+  if start_step >= total:
     return state
-  progress = tqdm(total=total_steps, initial=start_step, disable=not is_main,
-                  unit='step', dynamic_ncols=True, desc=f'{phase} (compiling)')
-  window = {'bpd_sum': 0.0, 'finite': 0, 'skipped': 0, 'skipped_steps': [], 'steps': 0,
-            'time': None, 'timed_steps': 0}
-  saved = {'step': start_step if latest is not None else None}
 
-  def save(step):
-    if not _is_finite_tree((state.params, state.batch_stats, state.ema_params)):
-      raise NonFiniteError(
-          f'refusing to checkpoint step {step}: the parameters are not finite (the last '
-          f'checkpoint in {checkpointer.directory} is kept). Lower train.lr, set '
-          'train.grad_clip, or resume from that checkpoint')
-    # orbax copies the arrays to the host before save() returns (the default, synchronous
-    # device-to-host transfer), so the next step may donate the state's buffers.
-    checkpointer.save(step, state, iterator.get_state(), config, meta)
-    saved['step'] = step
-
-  def handle(metrics):
-    """Host side of one finished step (fetched one step late, so the device stays busy)."""
-    m = jax.device_get(metrics)
-    step = int(m['step']) + 1
-    if int(m['skipped']):
-      window['skipped'] += 1
-      window['skipped_steps'].append(step)
-      logging.warning('step %d: non-finite loss or gradient (loss %s), update skipped '
-                      '(%d in a row)', step, m['train_bpd'], int(m['nonfinite_count']))
-    else:
-      window['bpd_sum'] += float(m['train_bpd'])
-      window['finite'] += 1
-    window['steps'] += 1
-    now = time.perf_counter()
-    if window['time'] is None:            # the first step includes compilation: not timed
-      window['time'], window['timed_steps'] = now, 0
-    else:
-      window['timed_steps'] += 1
-    if step % log_every == 0 or step == total_steps:
-      elapsed = now - window['time']
-      # None (JSON null) where undefined: no timed step yet, or every step skipped.
-      img_per_s = (window['timed_steps'] * int(t.batch_size) / elapsed
-                   if window['timed_steps'] and elapsed > 0 else None)
-      bpd = window['bpd_sum'] / window['finite'] if window['finite'] else None
-      record = {'step': step, 'epoch': step / steps_per_epoch, 'lr': float(m['lr']),
-                'train_bpd': bpd, 'img_per_s': img_per_s, 'skipped': window['skipped'],
-                'skipped_steps': list(window['skipped_steps']),
-                'skipped_total': int(m['skipped_total']), 'grad_norm': float(m['grad_norm'])}
-      log.write(record, 'train')
-      progress.set_postfix(bpd=f'{bpd:.4f}' if bpd is not None else '-',
-                           img_s=f'{img_per_s:.1f}' if img_per_s is not None else '-',
-                           refresh=False)
-      window.update(bpd_sum=0.0, finite=0, skipped=0, skipped_steps=[], steps=0, time=now,
-                    timed_steps=0)
-    if int(m['nonfinite_count']) >= max_bad:
-      raise NonFiniteError(
-          f'{int(m["nonfinite_count"])} consecutive steps (up to step {step}) had a non-finite '
-          f'loss or gradient (train.max_nonfinite_in_row = {max_bad}); stopped without '
-          'checkpointing them. Lower train.lr, set train.grad_clip, or resume from the last '
-          f'checkpoint in {checkpointer.directory}')
-
-  def run_hooks(step):
-    epoch, rest = divmod(step, steps_per_epoch)
-    end = step == total_steps
-    if eval_fn is not None and ((rest == 0 and epoch % eval_every == 0) or end):
-      results = eval_fn(state, step)
-      if results:
-        results = {k: float(v) for k, v in results.items()}
-        log.write({'step': step, 'epoch': step / steps_per_epoch, **results}, 'eval')
-        last_eval.update(results)
-        say(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
-        value = results.get(best_metric)
-        if value is not None and math.isfinite(value) and value < meta.get('best', math.inf):
-          meta['best'], meta['best_step'] = value, step
-          ckpt_lib.save_variables(workdir / BEST_DIR, eval_variables(state, use_ema), config,
-                                  {'step': step, best_metric: value})
-    if sample_fn is not None and rest == 0 and epoch % sample_every == 0:
-      sample_fn(state, step)
-
-  last_eval = {}
-  pending = None
-  step = start_step
-  stop = cleanup = None
-  try:
-    cleanup = _stop_signals()
-    stop = cleanup.__enter__()
-    while step < total_steps:
-      if first_batch is not None:
-        batch, first_batch = first_batch, None
-      else:
-        batch = next(iterator)
-      if batch.shape != local_shape:
-        raise DataError(f'training batch of shape {batch.shape}, expected {local_shape}')
+  # ---- train: after each step, is it time to log / evaluate / sample / save? ----
+  train_step = make_train_step(spec, config, mesh, steps_per_epoch)
+  window = MetricsWindow(int(t.log_every), int(t.batch_size), steps_per_epoch, replicated(mesh))
+  local_shape = (int(t.batch_size) // jax.process_count(), *spec.image_shape)
+  started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, latest
+  previous = None
+  with (MetricsLog(workdir, start_step, is_main) as log, stop_signals() as stop,
+        tqdm(total=total, initial=start_step, disable=not is_main, unit='step',
+             dynamic_ncols=True, desc=f'{phase} (compiling)') as progress):
+    for batch in _batches(first_batch, iterator, local_shape):
       state, metrics = train_step(state, global_batch(batch, mesh), train_key)
-      if step == start_step:
-        progress.set_description(phase)   # the first call compiled the step
+      window.add(metrics)
       step += 1
+      if previous is None:                  # the first call compiled: time from here on
+        window.restart_clock()
+        progress.set_description(phase)
+      jax.block_until_ready(previous)       # the host runs one step ahead, no further
+      previous = metrics
       progress.update(1)
-      if pending is not None:
-        handle(pending)
-      pending = metrics
-      at_epoch_end = step % steps_per_epoch == 0
-      if step % int(t.checkpoint_every_steps) == 0 or step == total_steps or at_epoch_end:
-        handle(pending)
-        pending = None
-        run_hooks(step)      # first, so that a new best metric is in the checkpoint's meta
-        if step % int(t.checkpoint_every_steps) == 0 or step == total_steps:
-          save(step)
-        # img/s measures training only: restart the clock after hooks and checkpoints.
-        window.update(time=time.perf_counter(), timed_steps=0)
-      if stop['signal'] is not None and step < total_steps:
-        if pending is not None:
-          handle(pending)
-          pending = None
-        if saved['step'] != step:
-          save(step)
+      hooks = plan.evaluate(step) or plan.sample(step) or plan.save(step)
+      if plan.log(step):
+        record = window.flush(step)
+        log.write(record, 'train')
+        progress.set_postfix(bpd=_fmt(record['train_bpd'], 4),
+                             img_s=_fmt(record['img_per_s'], 1), refresh=False)
+      if plan.log(step) or hooks:
+        _check_nonfinite(window, step, int(t.max_nonfinite_in_row), checkpointer.directory)
+      if eval_fn is not None and plan.evaluate(step):
+        last_eval = _evaluate(eval_fn, state, step, step / steps_per_epoch, config, workdir,
+                              meta, log, say) or last_eval
+      if sample_fn is not None and plan.sample(step):
+        sample_fn(state, step)
+      if plan.save(step):
+        _save(checkpointer, step, state, iterator, config, meta)
+        saved_step = step
+      if hooks:
+        window.restart_clock()              # img/s measures training alone
+      if stop['signal'] is not None and step < total:
+        if saved_step != step:
+          _save(checkpointer, step, state, iterator, config, meta)
         checkpointer.wait()
         raise TrainingInterrupted(stop['signal'], step, checkpointer.directory)
-    if pending is not None:
-      handle(pending)
-    progress.close()
-    say(_finish_message(workdir, checkpointer.directory, step, time.perf_counter() - started,
-                        best_metric, last_eval.get(best_metric), meta))
-  finally:
-    progress.close()
-    checkpointer.wait()
-    log.close()
-    if cleanup is not None:
-      cleanup.__exit__(None, None, None)
+      if step >= total:
+        break
+  checkpointer.wait()
+  say(_finish_message(workdir, checkpointer.directory, step, time.perf_counter() - started,
+                      _train_get(t, 'best_metric', 'test_bpd'),
+                      last_eval.get(_train_get(t, 'best_metric', 'test_bpd')), meta))
   return state
+
+
+def _fmt(value, digits: int) -> str:
+  return '-' if value is None else f'{value:.{digits}f}'

@@ -55,7 +55,7 @@ def main(argv):
   import numpy as np
 
   import flax
-  from denseflow_jax import evaluate, model as model_lib, train
+  from denseflow_jax import evaluate, model as model_lib, sharding, train
   from denseflow_jax.spec import spec_from_config
   from flops import count_flops
 
@@ -64,11 +64,11 @@ def main(argv):
   config.train.batch_size = batch
   spec = spec_from_config(config.model)
   model = model_lib.make_model(spec)
-  mesh = train.make_mesh()
+  mesh = sharding.make_mesh()
   device = jax.devices()[0]
   rng = np.random.default_rng(0)
   local = batch // jax.process_count()
-  x = train.global_batch(rng.integers(0, 2 ** spec.num_bits, (local, *spec.image_shape),
+  x = sharding.global_batch(rng.integers(0, 2 ** spec.num_bits, (local, *spec.image_shape),
                                       dtype=np.uint8), mesh)
   key = jax.random.PRNGKey(0)
   result = {'device': device.device_kind, 'num_devices': jax.device_count(),

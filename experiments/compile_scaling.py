@@ -26,17 +26,17 @@ def main(argv):
   del argv
   import jax
   import numpy as np
-  from denseflow_jax import train
+  from denseflow_jax import sharding, train
   from denseflow_jax.spec import spec_from_config
 
   base = _CONFIG.value
-  mesh = train.make_mesh()
+  mesh = sharding.make_mesh()
   for scale in map(int, _SCALES.value):
     config = base.copy_and_resolve_references()
     config.model.layers_config = tuple(scale * n for n in base.model.layers_config)
     config.train.batch_size = _BATCH.value
     spec = spec_from_config(config.model)
-    x = train.global_batch(np.zeros((_BATCH.value, *spec.image_shape), np.uint8), mesh)
+    x = sharding.global_batch(np.zeros((_BATCH.value, *spec.image_shape), np.uint8), mesh)
     key = jax.random.PRNGKey(0)
     init, to_state = train.make_state_init(spec, config, mesh, steps_per_epoch=1000)
     state = to_state(init(key, x))

@@ -11,7 +11,7 @@ process 0's data-stream state only, which process 1 must apply to its own stream
 one-host run trains straight through without grain workers. The truth is
 the single-process run: the global batch of step n holds the same rows in the same
 order only if data.make_train_iterator gives process p rows [p * 8, (p + 1) * 8) and
-train.global_batch / make_mesh put them there. Even the same rows in another order
+sharding.global_batch / make_mesh put them there. Even the same rows in another order
 change the result (row r's noise is drawn for position r): with the mesh in reverse
 process order the final parameters differed by up to 0.29 of a leaf's largest value.
 
@@ -39,6 +39,8 @@ import numpy as np
 import pytest
 
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import sharding
+from denseflow_jax import metrics_log
 from denseflow_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,7 +117,7 @@ def runs(tmp_path_factory):
 
 
 def records(workdir):
-  return [json.loads(line) for line in (workdir / train.METRICS_FILE).read_text().splitlines()]
+  return [json.loads(line) for line in (workdir / metrics_log.METRICS_FILE).read_text().splitlines()]
 
 
 def assert_trees_close(got, want, what):
@@ -183,15 +185,15 @@ def test_mesh_is_process_major():
   Device = lambda i, p: SimpleNamespace(id=i, process_index=p)   # noqa: E731
   devices = [Device(0, 0), Device(1, 1), Device(2, 0), Device(3, 1), Device(4, 2),
              Device(5, 2)]
-  ordered = train.process_major(devices)
+  ordered = sharding.process_major(devices)
   assert [(d.process_index, d.id) for d in ordered] == [(0, 0), (0, 2), (1, 1), (1, 3),
                                                         (2, 4), (2, 5)]
-  mesh = train.make_mesh()
+  mesh = sharding.make_mesh()
   assert list(mesh.devices) == sorted(jax.devices(), key=lambda d: d.id)   # one process
 
 
 def test_make_mesh_orders_devices_process_major(monkeypatch):
   """make_mesh must go through process_major (with one process the ids are already in
   order, so only this check catches a make_mesh that stops calling it)."""
-  monkeypatch.setattr(train, 'process_major', lambda devices: list(reversed(devices)))
-  assert list(train.make_mesh().devices) == list(reversed(jax.devices()))
+  monkeypatch.setattr(sharding, 'process_major', lambda devices: list(reversed(devices)))
+  assert list(sharding.make_mesh().devices) == list(reversed(jax.devices()))

@@ -21,6 +21,8 @@ import pytest
 
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import sharding
+from denseflow_jax import metrics_log
 from denseflow_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -59,7 +61,7 @@ def start(workdir, env):
 
 
 def metrics_lines(workdir):
-  path = pathlib.Path(workdir) / train.METRICS_FILE
+  path = pathlib.Path(workdir) / metrics_log.METRICS_FILE
   return path.read_text().splitlines() if path.exists() else []
 
 
@@ -191,11 +193,11 @@ def test_nonfinite_steps_are_logged_and_never_checkpointed(tmp_path):
   np.savez(tmp_path / 'digits.npz', train=images[:48], test=images[48:64])
   config = make_config(str(tmp_path / 'digits.npz'))
   spec = train.spec_from_config(config.model)
-  mesh = train.make_mesh()
+  mesh = sharding.make_mesh()
   init, _ = train.make_state_init(spec, config, mesh, data_lib.steps_per_epoch(config))
   batch = next(data_lib.make_train_iterator(config))
   variables = jax.tree.map(np.array, jax.device_get(
-      init(jax.random.PRNGKey(0), train.global_batch(batch, mesh))))
+      init(jax.random.PRNGKey(0), sharding.global_batch(batch, mesh))))
   variables['params']['prior']['log_scale'][:] = np.nan
   ckpt_lib.save_variables(tmp_path / 'bad', variables, config)
   config.checkpoint = str(tmp_path / 'bad')

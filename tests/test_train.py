@@ -17,6 +17,8 @@ from configs import default
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
+from denseflow_jax import sharding
+from denseflow_jax import metrics_log
 from denseflow_jax import train
 from denseflow_jax.model import DenseFlow, draw_noise
 from denseflow_jax.errors import ConfigError
@@ -75,13 +77,13 @@ def compiled(digits_npz):
   c = make_config(digits_npz)
   spec = spec_from_config(c.model)
   spe = data_lib.steps_per_epoch(c)
-  mesh8 = train.make_mesh()
-  mesh1 = train.make_mesh(jax.devices()[:1])
+  mesh8 = sharding.make_mesh()
+  mesh1 = sharding.make_mesh(jax.devices()[:1])
   assert mesh8.size == 8
   iterator = data_lib.make_train_iterator(c)
   batches = [next(iterator) for _ in range(2)]
   init, to_state = train.make_state_init(spec, c, mesh8, spe)
-  variables = jax.device_get(init(jax.random.PRNGKey(0), train.global_batch(batches[0], mesh8)))
+  variables = jax.device_get(init(jax.random.PRNGKey(0), sharding.global_batch(batches[0], mesh8)))
   return {'config': c, 'spec': spec, 'spe': spe, 'mesh8': mesh8, 'mesh1': mesh1,
           'batches': batches, 'variables': variables, 'to_state': to_state,
           'step8': train.make_train_step(spec, c, mesh8, spe),
@@ -90,7 +92,7 @@ def compiled(digits_npz):
 
 def state_on(compiled, mesh, variables=None, **replace):
   variables = compiled['variables'] if variables is None else variables
-  rep = train.replicated(mesh)
+  rep = sharding.replicated(mesh)
   to_state = compiled['to_state'] if mesh is compiled['mesh8'] else jax.jit(
       lambda v: train.create_train_state(v, train.make_optimizer(
           train.StepSettings.from_config(compiled['config'], compiled['spe'])), ema=True),
@@ -135,7 +137,7 @@ def test_settings_from_default_config():
 def test_batch_not_divisible_over_devices(config, tmp_path):
   config.train.batch_size = 12
   with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
-    train.make_train_step(spec_from_config(config.model), config, train.make_mesh(), 3)
+    train.make_train_step(spec_from_config(config.model), config, sharding.make_mesh(), 3)
   with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'run').exists()
@@ -176,7 +178,7 @@ def test_sharded_step_matches_single_device(compiled):
     state = state_on(compiled, mesh)
     losses = []
     for batch in compiled['batches']:
-      state, metrics = step(state, train.global_batch(batch, mesh), key)
+      state, metrics = step(state, sharding.global_batch(batch, mesh), key)
       losses.append(float(metrics['train_bpd']))
     results[name] = (jax.device_get(state), losses)
   (s8, l8), (s1, l1) = results['mesh8'], results['mesh1']
@@ -220,7 +222,7 @@ def test_steps_follow_torch_adamax_and_the_warmup(compiled):
     lr = c.train.lr * min(1.0, n / c.train.warmup_steps)
     params = jax.tree.map(lambda p_, m_, u_: p_ - lr / (1 - 0.9 ** (n + 1)) * m_ / u_,
                           params, m, u)
-    state, metrics = compiled['step1'](state, train.global_batch(batch, mesh), key)
+    state, metrics = compiled['step1'](state, sharding.global_batch(batch, mesh), key)
     assert float(metrics['lr']) == pytest.approx(lr, rel=1e-6, abs=1e-12), n
     got = jax.device_get(state.params)
     for want_leaf, got_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
@@ -236,7 +238,7 @@ def test_nonfinite_step_is_skipped_and_counted(compiled):
   variables['params']['prior']['loc'][0] = np.nan
   state = state_on(compiled, mesh, variables, nonfinite_count=2, skipped_total=5)
   before = jax.device_get(state)
-  state, metrics = step(state, train.global_batch(compiled['batches'][0], mesh),
+  state, metrics = step(state, sharding.global_batch(compiled['batches'][0], mesh),
                         jax.random.PRNGKey(0))
   after = jax.device_get(state)
   assert not np.isfinite(metrics['train_bpd'])
@@ -247,7 +249,7 @@ def test_nonfinite_step_is_skipped_and_counted(compiled):
 
   # A finite step afterwards resets the run of skipped steps, not the total.
   state = state_on(compiled, mesh, nonfinite_count=3, skipped_total=6)
-  state, metrics = step(state, train.global_batch(compiled['batches'][0], mesh),
+  state, metrics = step(state, sharding.global_batch(compiled['batches'][0], mesh),
                         jax.random.PRNGKey(0))
   assert int(metrics['skipped']) == 0
   assert (int(state.nonfinite_count), int(state.skipped_total)) == (0, 6)
@@ -259,7 +261,7 @@ def test_nonfinite_step_is_skipped_and_counted(compiled):
 
 
 def read_metrics(workdir):
-  return [json.loads(line) for line in (workdir / train.METRICS_FILE).read_text().splitlines()]
+  return [json.loads(line) for line in (workdir / metrics_log.METRICS_FILE).read_text().splitlines()]
 
 
 def final_state(workdir):
@@ -289,7 +291,7 @@ def test_resume_is_exact(config, tmp_path, compiled):
   assert [r['lr'] for r in records] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
   assert all(set(r) >= {'step', 'epoch', 'lr', 'train_bpd', 'img_per_s', 'skipped'}
              for r in records)
-  assert list((tmp_path / 'resumed' / train.TENSORBOARD_DIR).iterdir())
+  assert list((tmp_path / 'resumed' / metrics_log.TENSORBOARD_DIR).iterdir())
 
 
 def test_hooks_and_best_checkpoint(config, tmp_path, compiled):
@@ -356,5 +358,5 @@ def test_digits_config_is_valid():
   c = digits.get_config()
   spec_from_config(c.model)
   train.validate_train_config(c)
-  train.check_batch_divisible(c.train.batch_size, train.make_mesh())
+  sharding.check_batch_divisible(c.train.batch_size, sharding.make_mesh())
   assert data_lib.steps_per_epoch(c) == 23
