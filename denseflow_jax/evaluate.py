@@ -38,6 +38,7 @@ from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, draw_sample
 
 DEFAULT_K_CHUNK = 50
 SWEEP_TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0)
+GRID_MIN_WIDTH = 512           # PNG grids are enlarged (whole factor) to at least this width
 
 LogProbFn = Callable[[Any, Any, Any], jax.Array]
 
@@ -283,9 +284,14 @@ def make_grid(images, num_bits: int = 8, ncols: Optional[int] = None, padding: i
 
 
 def save_sample_grid(path_png, images, num_bits: int = 8, ncols: Optional[int] = None,
-                     padding: int = 1, pad_value: int = 255) -> np.ndarray:
-  """Writes `make_grid(...)` as a PNG (grey for one channel, RGB for three); returns the grid."""
+                     padding: int = 1, pad_value: int = 255,
+                     min_width: int = GRID_MIN_WIDTH) -> np.ndarray:
+  """Writes `make_grid(...)` as a PNG (grey for one channel, RGB for three), enlarged by the
+  smallest whole factor that makes it at least `min_width` pixels wide (each pixel a
+  square block: 8x8 digits stay readable); returns the grid as written."""
   grid = make_grid(images, num_bits, ncols, padding, pad_value)
+  scale = max(1, -(-int(min_width) // grid.shape[1]))
+  grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
   picture = Image.fromarray(grid[:, :, 0] if grid.shape[-1] == 1 else grid)
   atomic_write(path_png, lambda f: picture.save(f, format='PNG'))
   return grid

@@ -185,7 +185,7 @@ def test_temperature_sweep_grid(tiny, tmp_path):
   assert all(np.array_equal(images[0], image) for image in images[:4])
   hot = evaluate.sample_images(model, variables, key, 4, 1.0, batch_size=4)
   np.testing.assert_array_equal(images[8:], hot)
-  assert Image.open(path).size == (4 * 9 + 1, 3 * 9 + 1)
+  assert Image.open(path).size == (14 * (4 * 9 + 1), 14 * (3 * 9 + 1))   # 37 px, enlarged 14x
 
 
 # ---------------------------------------------------------------- files
@@ -233,7 +233,7 @@ def test_sample_grid_layout(tmp_path, channels, num_bits):
   images = np.broadcast_to(values[:, None, None, None], (n, h, w, channels)).astype(np.uint8).copy()
   images[:, 0, 0, :] = top // 2   # a marker in each image's top-left pixel
   path = tmp_path / 'grid.png'
-  evaluate.save_sample_grid(path, images, num_bits=num_bits)
+  evaluate.save_sample_grid(path, images, num_bits=num_bits, min_width=1)
   picture = Image.open(path)
   assert picture.mode == ('L' if channels == 1 else 'RGB')
   assert picture.size == (3 * (w + 1) + 1, 2 * (h + 1) + 1)   # 3 columns, 2 rows, 1-pixel padding
@@ -247,3 +247,19 @@ def test_sample_grid_layout(tmp_path, channels, num_bits):
     assert np.all(tile.reshape(-1, channels)[1:] == display[i])
     mask[r:r + h, c:c + w] = False
   assert np.all(grid[mask] == 255)   # padding and the empty sixth cell
+
+
+def test_small_grids_are_enlarged_by_a_whole_factor(tmp_path):
+  """A 3x3 grid of 8x8 images (28 px wide) becomes 19x larger (532 >= 512 px): each pixel a
+  19x19 block of the same value."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 17, (9, 8, 8, 1)).astype(np.uint8)
+  small = evaluate.make_grid(images, num_bits=5)
+  written = evaluate.save_sample_grid(tmp_path / 'g.png', images, num_bits=5)
+  picture = np.asarray(Image.open(tmp_path / 'g.png'))
+  assert small.shape[:2] == (28, 28) and picture.shape == (28 * 19, 28 * 19)
+  np.testing.assert_array_equal(picture, written[:, :, 0])
+  np.testing.assert_array_equal(picture[::19, ::19], small[:, :, 0])
+  np.testing.assert_array_equal(picture[18::19, 18::19], small[:, :, 0])
+  wide = rng.integers(0, 256, (4, 300, 300, 3)).astype(np.uint8)   # 603 px: left as it is
+  assert evaluate.save_sample_grid(tmp_path / 'w.png', wide).shape == (603, 603, 3)

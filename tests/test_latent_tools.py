@@ -129,7 +129,8 @@ def test_interpolation_end_points_are_the_inputs(tiny, linear, slerp):
                                atol=1e-5)
   for name in ('interpolate_linear', 'interpolate_slerp'):
     picture = Image.open(workdir / 'latent' / f'{name}.png')
-    assert picture.size == (3 * 9 + 1, 2 * 9 + 1)              # steps columns, one row per pair
+    # steps columns, one row per pair; 28 px wide, so enlarged 19x (to >= 512 px)
+    assert picture.size == (19 * (3 * 9 + 1), 19 * (2 * 9 + 1))
 
 
 def test_midpoints_decode_the_numpy_interpolated_latents(tiny, linear, slerp):
@@ -215,7 +216,8 @@ def test_reconstruct_reports_the_independent_error(tiny):
   # Rows alternate: originals 0-2, their reconstructions, original 3, its reconstruction
   # (the rest of those two rows blank).
   grid = np.asarray(Image.open(out / 'reconstruct.png'))
-  assert grid.shape == (4 * 9 + 1, 3 * 9 + 1)
+  assert grid.shape == (19 * (4 * 9 + 1), 19 * (3 * 9 + 1))    # enlarged 19x to >= 512 px
+  grid = grid[::19, ::19]
   def tile(row, col):
     return grid[1 + 9 * row:9 + 9 * row, 1 + 9 * col:9 + 9 * col]
   display = np.round(levels(y_rec)[..., 0] * 255 / 31).astype(np.uint8)
@@ -241,7 +243,7 @@ def test_sweep_temperature_zero_is_the_prior_mode(tiny):
   dropped = [np.zeros((BATCH, *s), np.float32) for s in model.spec.dropped_shapes()]
   assert_same_levels(cold[:1], np.asarray(inverse(variables, z, dropped))[:1])
   picture = Image.open(workdir / 'latent' / 'temperature_sweep.png')
-  assert picture.size == (3 * 9 + 1, 2 * 9 + 1)
+  assert picture.size == (19 * (3 * 9 + 1), 19 * (2 * 9 + 1))   # enlarged 19x to >= 512 px
   with np.load(workdir / 'latent' / 'temperature_sweep.npz') as f:
     np.testing.assert_array_equal(f['images'], images.reshape(2, 3, 8, 8, 1))
     np.testing.assert_array_equal(f['temperatures'], [0.0, 1.0])
