@@ -20,6 +20,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
+from denseflow_jax.ablation import finalize_config
 from denseflow_jax.errors import ConvertError
 from denseflow_jax.spec import ModelSpec
 from denseflow_jax.state_dict import (flatten, kernel_to_flax, read_state_dict, report_mismatches,
@@ -158,12 +159,12 @@ def convert_checkpoint(checkpoint_path: str, config, out: str, overwrite: bool =
   """Official checkpoint -> our model checkpoint in `out`; returns the variables.
   Refuses to touch a non-empty `out` unless `overwrite`."""
   import os
-  from denseflow_jax import checkpoint, modes
+  from denseflow_jax import checkpoint
   from denseflow_jax.spec import spec_from_config
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise ConvertError(f'--out {out} already exists and is not empty; choose a new directory '
                        '(or pass --overwrite to replace it)')
-  config = modes.finalize_config(config)
+  config = finalize_config(config)
   spec = spec_from_config(config.model)
   variables = convert_state_dict(read_state_dict(checkpoint_path, allow_pickle), spec)
   checkpoint.save_variables(out, variables, config, metadata={'converted_from': checkpoint_path})

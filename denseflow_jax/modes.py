@@ -3,17 +3,9 @@ import json
 import os
 import time
 
-from denseflow_jax import ablation
+from denseflow_jax.ablation import finalize_config
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.spec import spec_from_config
-
-
-def finalize_config(config):
-  """Derived fields that depend on command-line overrides (e.g. the ablation row)."""
-  if 'ablation_row' in config:
-    with config.unlocked():
-      ablation.apply_row(config)
-  return config
 
 
 def summary(config, workdir=None):
