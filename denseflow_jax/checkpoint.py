@@ -42,6 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from denseflow_jax import model as model_lib
 from denseflow_jax.errors import CheckpointError
 from denseflow_jax.files import write_json_atomic
 from denseflow_jax.state_dict import flatten, report_mismatches
@@ -341,6 +342,22 @@ def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = Fa
   variables = _plain(variables)
   variables.setdefault('batch_stats', {})
   return jax.tree.map(np.asarray, variables)
+
+
+def load_model(config, workdir):
+  """(model, variables, source) for every mode that runs a trained model: the model of
+  ``config.model`` and the variables of ``config.checkpoint`` (e.g. a converted official
+  model) when set, else of the workdir's latest checkpoint (EMA parameters with
+  ``config.eval.use_ema``); source is the directory they came from."""
+  model = model_lib.make_model(config.model)
+  source = config.checkpoint or workdir
+  if not config.checkpoint and not holds_model(workdir):
+    raise CheckpointError(
+        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
+        f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
+        '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
+  variables = load_variables(source, config, use_ema=config.eval.use_ema)
+  return model, variables, source
 
 
 def check_variables(variables: Mapping, abstract: Mapping, where: str) -> None:
