@@ -11,18 +11,25 @@ Layout changes: conv kernels [out, in, kh, kw] -> [kh, kw, in, out]; per-channel
 axis (our units are `nn.scan`s). The invertible 1x1 conv keeps [out, in].
 Buffers that our code derives from the config (ActNorm `initialized`,
 `ldj_per_dim`, the shift of the [-0.5, 0.5] mapping, the sigmoid temperature,
-`num_batches_tracked`) are not copied.
+`num_batches_tracked`) are not copied. Reading the file and the report of missing,
+unexpected and mis-shaped keys are `denseflow_jax.state_dict`'s.
 """
+import os
 import re
 import sys
 from typing import Dict, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
+from denseflow_jax import checkpoint
 from denseflow_jax.ablation import finalize_config
+from denseflow_jax.config_path import prepare_config_import
 from denseflow_jax.errors import ConvertError
-from denseflow_jax.spec import ModelSpec
+from denseflow_jax.spec import ModelSpec, spec_from_config
+from denseflow_jax.summary import variable_shapes
 from denseflow_jax.state_dict import (flatten, kernel_to_flax, read_state_dict, report_mismatches,
                                       unflatten)
 
@@ -110,7 +117,6 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], spec: ModelSpec) ->
 
   Compared in our layout, by our names; a module of a unit (stacked along the leading axis
   of its variables) is one entry `.../modules/<path>[i]`."""
-  from denseflow_jax.summary import variable_shapes   # local: summary imports the model
   target = flatten(variable_shapes(spec))
   expected, stacked = {}, {}
   for name, leaf in target.items():
@@ -158,9 +164,6 @@ def convert_checkpoint(checkpoint_path: str, config, out: str, overwrite: bool =
                        allow_pickle: bool = False) -> Dict:
   """Official checkpoint -> our model checkpoint in `out`; returns the variables.
   Refuses to touch a non-empty `out` unless `overwrite`."""
-  import os
-  from denseflow_jax import checkpoint
-  from denseflow_jax.spec import spec_from_config
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise ConvertError(f'--out {out} already exists and is not empty; choose a new directory '
                        '(or pass --overwrite to replace it)')
@@ -172,7 +175,6 @@ def convert_checkpoint(checkpoint_path: str, config, out: str, overwrite: bool =
 
 
 def main(argv):
-  from absl import flags, logging
   del argv
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
@@ -186,10 +188,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from denseflow_jax.config_path import prepare_config_import
   prepare_config_import(sys.argv)   # configs import each other as `configs.<name>`
-  from absl import app, flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Config of the model (configs/*.py).')
   flags.DEFINE_string('checkpoint', None, 'Official checkpoint.pt or .npz state dict.')
   flags.DEFINE_string('out', None, 'Directory to write the converted checkpoint to.')

@@ -55,6 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
@@ -411,7 +413,6 @@ class _MetricsLog:
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get('step', 0) <= resume_step]
       self.path.write_text(''.join(line + '\n' for line in kept))
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # TensorBoard drops the events at steps >= purge_step: those after the checkpoint, not
     # the ones at its own step (a rerun of a finished run would lose its last points).
     purge = None if resume_step is None else resume_step + 1
@@ -580,8 +581,6 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
   log_every = int(t.log_every)
   eval_every = int(_train_get(t, 'eval_every_epochs', 1))
   sample_every = int(_train_get(t, 'sample_every_epochs', 1))
-
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   def say(message):
     """One line of the run's story on the console (process 0), above the progress bar."""
