@@ -20,5 +20,5 @@ def get_config():
   config.model.growth_rate = 6
   config.train.epochs = 300
   config.train.finetune_epochs = 10
-  config.ablation_row = 6              # applied by main (modes.finalize_config)
+  config.ablation_row = 6              # applied by main (ablation.finalize_config)
   return config

@@ -12,6 +12,8 @@ Our reading of Table 4 (the official repository ships only row 6):
 `config.ablation_row` sets the three switches (model.coupling_net, model.cross_unit,
 model.noise). A switch overridden on the command line to a value other than the row's is
 a conflict, reported as an error: nothing silently trains a different model than asked.
+`finalize_config` applies it; every command that takes `--config` (main, convert) calls it
+once the command-line overrides are in.
 """
 from denseflow_jax.errors import ConfigError
 
@@ -44,4 +46,12 @@ def apply_row(config):
         + '; drop the override or choose the row that has it (experiments/ablations.md)')
   for name in SWITCHES:
     config.model[name] = wanted[name]
+  return config
+
+
+def finalize_config(config):
+  """Derived fields that depend on command-line overrides (e.g. the ablation row)."""
+  if 'ablation_row' in config:
+    with config.unlocked():
+      apply_row(config)
   return config

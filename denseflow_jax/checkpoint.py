@@ -42,8 +42,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from denseflow_jax import model as model_lib
 from denseflow_jax.errors import CheckpointError
 from denseflow_jax.files import write_json_atomic
+from denseflow_jax.state_dict import flatten, report_mismatches
 
 CHECKPOINTS_DIR = 'checkpoints'
 VARIABLES_DIR = 'variables'
@@ -340,3 +342,37 @@ def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = Fa
   variables = _plain(variables)
   variables.setdefault('batch_stats', {})
   return jax.tree.map(np.asarray, variables)
+
+
+def load_model(config, workdir):
+  """(model, variables, source) for every mode that runs a trained model: the model of
+  ``config.model`` and the variables of ``config.checkpoint`` (e.g. a converted official
+  model) when set, else of the workdir's latest checkpoint (EMA parameters with
+  ``config.eval.use_ema``); source is the directory they came from."""
+  model = model_lib.make_model(config.model)
+  source = config.checkpoint or workdir
+  if not config.checkpoint and not holds_model(workdir):
+    raise CheckpointError(
+        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
+        f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
+        '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
+  variables = load_variables(source, config, use_ema=config.eval.use_ema)
+  return model, variables, source
+
+
+def check_variables(variables: Mapping, abstract: Mapping, where: str) -> None:
+  """CheckpointError unless loaded ``variables`` have exactly the names, shapes and dtypes of
+  the model's ``abstract`` ones (``jax.ShapeDtypeStruct``s, e.g. from ``jax.eval_shape``).
+
+  Args:
+    variables: ``{'params', 'batch_stats'}`` as :func:`load_variables` returns them.
+    abstract: the same structure for the configured model.
+    where: the checkpoint, for the message.
+  """
+  got, want = flatten(variables), flatten(abstract)
+  dtypes = [f'dtype of {k}: got {np.dtype(got[k].dtype)}, expected {np.dtype(want[k].dtype)}'
+            for k in sorted(set(got) & set(want))
+            if np.dtype(got[k].dtype) != np.dtype(want[k].dtype)]
+  report_mismatches(want, got, CheckpointError,
+                    what=f'the variables in {where} do not fit the configured model',
+                    fix='check the model config', other=dtypes)

@@ -11,17 +11,27 @@ Layout changes: conv kernels [out, in, kh, kw] -> [kh, kw, in, out]; per-channel
 axis (our units are `nn.scan`s). The invertible 1x1 conv keeps [out, in].
 Buffers that our code derives from the config (ActNorm `initialized`,
 `ldj_per_dim`, the shift of the [-0.5, 0.5] mapping, the sigmoid temperature,
-`num_batches_tracked`) are not copied.
+`num_batches_tracked`) are not copied. Reading the file and the report of missing,
+unexpected and mis-shaped keys are `denseflow_jax.state_dict`'s.
 """
+import os
 import re
 import sys
 from typing import Dict, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
+from denseflow_jax import checkpoint
+from denseflow_jax.ablation import finalize_config
+from denseflow_jax.config_path import prepare_config_import
 from denseflow_jax.errors import ConvertError
-from denseflow_jax.spec import ModelSpec
+from denseflow_jax.spec import ModelSpec, spec_from_config
+from denseflow_jax.summary import variable_shapes
+from denseflow_jax.state_dict import (flatten, kernel_to_flax, read_state_dict, report_mismatches,
+                                      unflatten)
 
 # (pattern on the official key, replacement giving our path). Applied in order,
 # each to the result of the previous one; the final string must be a full path.
@@ -95,113 +105,69 @@ def flax_location(key: str, ndim: int) -> Optional[Tuple[str, Tuple[str, ...], O
 
 def _to_flax_layout(value: np.ndarray, name: str) -> np.ndarray:
   if name == 'kernel':
-    return np.transpose(value, (2, 3, 1, 0))          # [O, I, kh, kw] -> [kh, kw, I, O]
+    return kernel_to_flax(value)                      # [O, I, kh, kw] -> [kh, kw, I, O]
   if name in ('loc', 'log_scale', 'shift'):
     return value.reshape(-1)                          # [1, C, 1, 1] -> [C]
   return value
 
 
-def _official_shape(shape, name):
-  if name == 'kernel':
-    return (shape[3], shape[2], shape[0], shape[1])   # back to [O, I, kh, kw]
-  return shape
-
-
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], spec: ModelSpec) -> Dict:
   """Our variables {'params', 'batch_stats'} (NumPy float32) from an official state dict.
-  Every mismatch (unknown, missing or mis-shaped key) is reported in one ConvertError."""
-  from denseflow_jax.summary import variable_shapes   # local: summary imports the model
-  target = variable_shapes(spec)
-  flat = {(col,) + tuple(k.key for k in path): leaf
-          for col in target for path, leaf in jax.tree_util.tree_flatten_with_path(target[col])[0]}
-  out = {k: np.zeros(v.shape, np.float32) for k, v in flat.items()}
-  filled = {k: set() for k in flat}
-  problems = []
+  Every mismatch (unknown, missing or mis-shaped key) is reported in one ConvertError.
+
+  Compared in our layout, by our names; a module of a unit (stacked along the leading axis
+  of its variables) is one entry `.../modules/<path>[i]`."""
+  target = flatten(variable_shapes(spec))
+  expected, stacked = {}, {}
+  for name, leaf in target.items():
+    if '/modules/' in name:
+      for i in range(leaf.shape[0]):
+        expected[f'{name}[{i}]'] = leaf.shape[1:]
+        stacked[f'{name}[{i}]'] = (name, i)
+    else:
+      expected[name] = leaf.shape
+  got, labels = {}, {}
   for key, value in state_dict.items():
     try:
       location = flax_location(key, np.ndim(value))
-    except ConvertError as e:
-      problems.append(f'extra key {key!r} (not part of this model: {e})')
+    except ConvertError:                              # no such module in DenseFlow
+      got[key], labels[key] = np.shape(value), f'{key!r} (not part of DenseFlow)'
       continue
     if location is None:
-      continue
+      continue                                        # a buffer our code derives
     collection, path, stack = location
-    full = (collection,) + path
-    if full not in flat:
-      problems.append(f'extra key {key!r}: this config has no {"/".join(path)}')
+    name = '/'.join((collection,) + path) + (f'[{stack}]' if stack is not None else '')
+    if name not in expected:                          # e.g. a block this config lacks
+      got[key], labels[key] = np.shape(value), f'{key!r} (would be {name})'
       continue
-    value = _to_flax_layout(np.asarray(value, np.float32), path[-1])
-    want = flat[full].shape[1:] if stack is not None else flat[full].shape
-    if stack is not None and stack >= flat[full].shape[0]:
-      problems.append(f'extra key {key!r}: module {stack} but the config has '
-                      f'{flat[full].shape[0]} modules in this unit')
-      continue
-    if value.shape != tuple(want):
-      problems.append(f'shape mismatch for {key!r}: official {tuple(np.shape(state_dict[key]))}, '
-                      f'config expects {_official_shape(tuple(want), path[-1])}')
-      continue
-    if stack is None:
-      out[full] = value
-      filled[full].add(None)
+    got[name] = _to_flax_layout(np.asarray(value, np.float32), path[-1])
+    labels[name] = repr(key)
+  report_mismatches(
+      expected, got, ConvertError,
+      what='the official state dict does not match the config',
+      fix='check block_config, layers_config, mid_channels, growth_rate and image_shape '
+          '(shapes in our layout: conv kernels [kh, kw, in, out], per-channel [C])',
+      labels=labels)
+  out = {name: np.zeros(leaf.shape, np.float32) for name, leaf in target.items()}
+  for name, value in got.items():
+    if name in stacked:
+      parent, i = stacked[name]
+      out[parent][i] = value
     else:
-      out[full][stack] = value
-      filled[full].add(stack)
-  for full, leaf in flat.items():
-    need = set(range(leaf.shape[0])) if 'modules' in full else {None}
-    if filled[full] != need:
-      problems.append(f'missing key for {"/".join(full)}'
-                      + (f' (modules {sorted(need - filled[full])})' if 'modules' in full else ''))
-  if problems:
-    shown = '\n  '.join(problems[:20])
-    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
-    raise ConvertError(f'the official state dict does not match the config ({len(problems)} '
-                       f'problems); check block_config, layers_config, mid_channels, growth_rate '
-                       f'and image_shape:\n  {shown}{more}')
-  variables = {}
-  for (collection, *path), value in out.items():
-    node = variables.setdefault(collection, {})
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = value
-  return variables
+      out[name] = value
+  return unflatten(out)
 
 
 # ---------------------------------------------------------------- command line
-
-def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
-  """An official state dict from a `.npz` (one array per key) or a `checkpoint.pt`."""
-  import os
-  if not os.path.isfile(path):
-    raise ConvertError(f'--checkpoint {path} does not exist')
-  if path.endswith('.npz'):
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}
-  try:
-    import torch
-  except ImportError:
-    raise ConvertError('reading an official checkpoint.pt needs PyTorch: '
-                       'pip install "denseflow-jax[torch]" (or convert it to .npz elsewhere '
-                       'with {k: v.numpy() for k, v in state_dict.items()})') from None
-  try:
-    checkpoint = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
-  except Exception as e:  # torch raises several types for pickled extras
-    raise ConvertError(f'could not read {path} with torch.load(weights_only=True): {e}. If you '
-                       'trust the file (e.g. the official release), pass --allow_pickle') from e
-  state_dict = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
-  return {k: v.detach().cpu().numpy() for k, v in state_dict.items() if hasattr(v, 'numpy')}
-
 
 def convert_checkpoint(checkpoint_path: str, config, out: str, overwrite: bool = False,
                        allow_pickle: bool = False) -> Dict:
   """Official checkpoint -> our model checkpoint in `out`; returns the variables.
   Refuses to touch a non-empty `out` unless `overwrite`."""
-  import os
-  from denseflow_jax import checkpoint, modes
-  from denseflow_jax.spec import spec_from_config
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise ConvertError(f'--out {out} already exists and is not empty; choose a new directory '
                        '(or pass --overwrite to replace it)')
-  config = modes.finalize_config(config)
+  config = finalize_config(config)
   spec = spec_from_config(config.model)
   variables = convert_state_dict(read_state_dict(checkpoint_path, allow_pickle), spec)
   checkpoint.save_variables(out, variables, config, metadata={'converted_from': checkpoint_path})
@@ -209,7 +175,6 @@ def convert_checkpoint(checkpoint_path: str, config, out: str, overwrite: bool =
 
 
 def main(argv):
-  from absl import flags, logging
   del argv
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
@@ -223,10 +188,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from denseflow_jax.config_path import prepare_config_import
   prepare_config_import(sys.argv)   # configs import each other as `configs.<name>`
-  from absl import app, flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Config of the model (configs/*.py).')
   flags.DEFINE_string('checkpoint', None, 'Official checkpoint.pt or .npz state dict.')
   flags.DEFINE_string('out', None, 'Directory to write the converted checkpoint to.')

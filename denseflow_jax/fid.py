@@ -32,11 +32,14 @@ import re
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
+import jax
 import numpy as np
 import scipy.linalg
 import tqdm
 
+from denseflow_jax import data, inception
 from denseflow_jax.errors import ConfigError, FIDError
+from denseflow_jax.evaluate import iterate_samples, to_display
 from denseflow_jax.files import write_json_atomic, write_npz_atomic
 
 SINGULAR_EPS = 1e-6
@@ -107,7 +110,6 @@ class ActivationStats:
 def validate_fid_config(config, need_weights: bool = True) -> Dict[str, Any]:
   """config.fid checked and normalised; ConfigError naming the field and the fix.
   `need_weights=False` (an injected feature function) skips fid.inception_weights."""
-  from denseflow_jax import inception
   f = config.get('fid')
   if f is None:
     raise ConfigError('config has no fid section; start from configs/default.py')
@@ -147,7 +149,6 @@ def _feature_stats(batches: Iterable[Tuple[np.ndarray, np.ndarray]], feature_fn:
   """Stats of feature_fn(images[mask]) over (uint8 images, bool mask) batches. Batch i's
   features are dispatched before batch i-1's are summed, so the accelerator runs while
   the host accumulates."""
-  from denseflow_jax.evaluate import to_display
   stats, pending = None, None
   for images, mask in batches:
     features = feature_fn(to_display(images, num_bits))
@@ -193,7 +194,6 @@ def dataset_stats(config, split: str, feature_fn: FeatureFn, feature_id: str, st
                   batch_size: int, progress: bool = True):
   """(mean, covariance, count, cache path, cache hit) of the features of a whole split;
   read from the cache when present, else computed and written there atomically."""
-  from denseflow_jax import data
   num_bits = int(config.model.get('num_bits', 8))
   path = stats_cache_path(stats_dir, config.data, split, config.model.image_shape, num_bits,
                           feature_id)
@@ -222,7 +222,6 @@ def sample_stats(model, variables, key, num: int, temperature: float, batch_size
                  feature_fn: FeatureFn, progress: bool = True) -> ActivationStats:
   """Stats of the features of `num` samples; sample n uses fold_in(key, n) like
   `evaluate.sample_images`, and only one batch of images exists at a time."""
-  from denseflow_jax.evaluate import iterate_samples
   batches = iterate_samples(model, variables, key, num, temperature, batch_size)
   with tqdm.tqdm(total=num, desc=f'FID samples T={temperature:g}', unit='img',
                  disable=not progress) as bar:
@@ -239,10 +238,8 @@ def run_fid(config, workdir, load_model: Callable, *, feature_fn: Optional[Featu
   [B, H, W, C] in 0..255 -> [B, D]) defaults to the FID Inception of
   config.fid.inception_weights, and feature_id (part of the cache names) to its digest.
   """
-  import jax
   start_time = time.perf_counter()
   if feature_fn is None:
-    from denseflow_jax import inception
     settings = validate_fid_config(config)
     feature_fn = inception.make_feature_fn(settings['inception_weights'])
     feature_id = f'inception-{inception.weights_digest(settings["inception_weights"])}'

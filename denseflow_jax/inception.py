@@ -40,7 +40,7 @@ import functools
 import hashlib
 import os
 import sys
-from typing import Dict, Mapping, Sequence, Tuple, Union
+from typing import Dict, Mapping, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -49,6 +49,8 @@ import numpy as np
 
 from denseflow_jax.errors import ConvertError, InceptionWeightsError
 from denseflow_jax.files import write_npz_atomic
+from denseflow_jax.state_dict import (flatten, kernel_to_flax, read_state_dict, report_mismatches,
+                                      unflatten)
 
 INPUT_SIZE = 299
 MIN_INPUT_SIZE = 75        # the smallest input the strided stages reduce to >= 1 pixel
@@ -247,37 +249,10 @@ def variable_shapes(input_size: int = INPUT_SIZE) -> Dict[str, Dict]:
   return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
 
 
-def _flatten(tree, prefix: Tuple[str, ...] = ()) -> Dict[str, object]:
-  out = {}
-  for name, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, prefix + (name,)))
-    else:
-      out['/'.join(prefix + (name,))] = value
-  return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict:
-  tree: Dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split('/')
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
 def expected_shapes() -> Dict[str, Tuple[int, ...]]:
   """'params/Mixed_5b/branch1x1/conv/kernel' -> shape, for every variable (they do not
   depend on the input size)."""
-  return {k: tuple(v.shape) for k, v in _flatten(variable_shapes()).items()}
-
-
-def _problems_text(problems: Sequence[str]) -> str:
-  shown = '\n  '.join(problems[:10])
-  more = f'\n  ... and {len(problems) - 10} more' if len(problems) > 10 else ''
-  return f'{shown}{more}'
+  return {k: tuple(v.shape) for k, v in flatten(variable_shapes()).items()}
 
 
 def load_inception_params(path) -> Dict:
@@ -298,16 +273,9 @@ def load_inception_params(path) -> Dict:
   except Exception as e:   # zipfile / pickle / format errors all mean "not our .npz"
     raise InceptionWeightsError(f'could not read Inception weights {path} as .npz ({e}); {fix}') \
         from None
-  want = expected_shapes()
-  problems = [f'missing {k}' for k in sorted(set(want) - set(flat))]
-  problems += [f'unexpected {k}' for k in sorted(set(flat) - set(want))]
-  problems += [f'shape of {k}: file {flat[k].shape}, network {want[k]}'
-               for k in sorted(set(want) & set(flat)) if flat[k].shape != want[k]]
-  if problems:
-    raise InceptionWeightsError(
-        f'{path} is not a converted FID Inception ({len(problems)} problems); {fix}\n  '
-        + _problems_text(problems))
-  return _unflatten(flat)
+  report_mismatches(expected_shapes(), flat, InceptionWeightsError,
+                    what=f'{path} is not a converted FID Inception', fix=fix)
+  return unflatten(flat)
 
 
 def weights_digest(path) -> str:
@@ -331,16 +299,16 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.nda
   """pytorch-fid's state dict -> flat {'params/...': array} in our layout (float32).
   Every unknown, missing or mis-shaped key is reported in one InceptionWeightsError."""
   want = expected_shapes()
-  out, problems = {}, []
+  other = []
   fc = state_dict.get('fc.weight')
   if fc is not None and np.shape(fc)[0] != _FID_NUM_CLASSES:
-    problems.append(f'fc.weight has {np.shape(fc)[0]} classes, the FID Inception has '
-                    f'{_FID_NUM_CLASSES}: this looks like torchvision\'s ImageNet InceptionV3, '
-                    'whose features give non-standard FIDs')
+    other.append(f'fc.weight has {np.shape(fc)[0]} classes, the FID Inception has '
+                 f'{_FID_NUM_CLASSES}: this looks like torchvision\'s ImageNet InceptionV3, '
+                 'whose features give non-standard FIDs')
   names = {('conv', 'weight'): ('params', 'kernel'), ('bn', 'weight'): ('params', 'scale'),
            ('bn', 'bias'): ('params', 'bias'), ('bn', 'running_mean'): ('batch_stats', 'mean'),
            ('bn', 'running_var'): ('batch_stats', 'var')}
-  seen = set()
+  got, labels = {}, {}
   for key, value in state_dict.items():
     *module, kind, leaf = ['', ''] + key.split('.')
     if key.startswith(('fc.', 'AuxLogits.')) or leaf == 'num_batches_tracked':
@@ -348,29 +316,23 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.nda
     collection, name = names.get((kind, leaf), (None, None))
     flat_key = '/'.join([str(collection), *module[2:], kind, str(name)])
     if flat_key not in want:
-      problems.append(f'unexpected key {key!r}')
+      got[key], labels[key] = np.shape(value), f'key {key!r}'
       continue
-    seen.add(flat_key)
     value = np.asarray(value, np.float32)
     if name == 'kernel' and value.ndim == 4:
-      value = np.transpose(value, (2, 3, 1, 0))        # [O, I, kh, kw] -> [kh, kw, I, O]
-    if value.shape != want[flat_key]:
-      problems.append(f'shape of {key!r}: {np.shape(state_dict[key])} does not fit the '
-                      f'network ({want[flat_key]} in our layout)')
-    else:
-      out[flat_key] = value
-  problems += [f'missing {k}' for k in sorted(set(want) - seen)]
-  if problems:
-    raise InceptionWeightsError(
-        f'not pytorch-fid\'s FID Inception state dict ({len(problems)} problems); use '
-        f'{WEIGHTS_URL}\n  ' + _problems_text(problems))
-  return out
+      value = kernel_to_flax(value)                    # [O, I, kh, kw] -> [kh, kw, I, O]
+    got[flat_key], labels[flat_key] = value, f'{key!r}'
+  report_mismatches(want, got, InceptionWeightsError,
+                    what='not pytorch-fid\'s FID Inception state dict',
+                    fix=f'use {WEIGHTS_URL} (shapes in our layout: conv kernels '
+                        '[kh, kw, in, out])',
+                    labels=labels, other=other)
+  return got
 
 
 def convert_file(src, out) -> int:
   """pytorch-fid's .pth (or an .npz of its state dict) -> our .npz at `out` (atomic).
   Returns the number of arrays written."""
-  from denseflow_jax.convert import read_state_dict
   src, out = os.fspath(src), os.fspath(out)
   if not os.path.isfile(src):
     raise InceptionWeightsError(f'--convert {src} does not exist; download it from {WEIGHTS_URL}')

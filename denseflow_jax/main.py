@@ -13,9 +13,11 @@ import os
 import shlex
 import sys
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from denseflow_jax import modes
 from denseflow_jax.config_path import prepare_config_import, shipped_configs
 from denseflow_jax.errors import DenseFlowError, TrainingInterrupted
 
@@ -75,11 +77,8 @@ def main(argv):
     hint = (f'; did you mean --mode {argv[1]}?' if argv[1] in MODES else
             '; options are written --name=value (python -m denseflow_jax.main --help)')
     raise SystemExit(f'error: unexpected argument {argv[1]!r}{hint}')
-  from absl import logging
-  from denseflow_jax import modes
   logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
   if _MULTIHOST.value:
-    import jax
     # None lets JAX auto-detect (TPU metadata, SLURM, Open MPI, Kubernetes) or read
     # $JAX_COORDINATOR_ADDRESS; it reads no environment variable for the other two.
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

@@ -1,48 +1,35 @@
-"""What each `--mode` of `denseflow_jax.main` does."""
+"""What each `--mode` of `denseflow_jax.main` does.
+
+The modes that run a trained model get it from `checkpoint.load_model`; `run` applies
+`ablation.finalize_config` and checks the model and --workdir before any mode starts.
+"""
 import json
 import os
 import time
 
-from denseflow_jax import ablation
+import jax
+
+from denseflow_jax import checkpoint, data, latent_tools
+from denseflow_jax import evaluate as evaluate_lib
+from denseflow_jax import fid as fid_lib
+from denseflow_jax import model as model_lib
+from denseflow_jax import train as train_lib
+from denseflow_jax.ablation import finalize_config
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.spec import spec_from_config
-
-
-def finalize_config(config):
-  """Derived fields that depend on command-line overrides (e.g. the ablation row)."""
-  if 'ablation_row' in config:
-    with config.unlocked():
-      ablation.apply_row(config)
-  return config
+from denseflow_jax.summary import format_table, parameter_table
 
 
 def summary(config, workdir=None):
-  from denseflow_jax.summary import format_table, parameter_table
+  """Trainable-parameter table of config.model, from shapes only (no --workdir needed)."""
   del workdir
   spec = spec_from_config(config.model)
   print(format_table(parameter_table(spec), spec))
 
 
-def _model_and_variables(config, workdir):
-  """The model and the variables to evaluate: `config.checkpoint` (e.g. a converted
-  official model) when set, else the latest checkpoint of the workdir."""
-  from denseflow_jax import checkpoint, model as model_lib
-  model = model_lib.make_model(config.model)
-  source = config.checkpoint or workdir
-  if not config.checkpoint and not checkpoint.holds_model(workdir):
-    raise checkpoint.CheckpointError(
-        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
-        f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
-        '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
-  variables = checkpoint.load_variables(source, config, use_ema=config.eval.use_ema)
-  return model, variables, source
-
-
 def evaluate(config, workdir):
   """Bits/dim on the test split: one-sample bound and IWBO with config.eval.k samples."""
-  import jax
-  from denseflow_jax import data, evaluate as evaluate_lib
-  model, variables, source = _model_and_variables(config, workdir)
+  model, variables, source = checkpoint.load_model(config, workdir)
   key = jax.random.PRNGKey(config.seed)
   result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=config.eval.k)
   images, mask = next(iter(data.iterate_eval(config, 'test')))   # first (padded) batch
@@ -57,15 +44,13 @@ def evaluate(config, workdir):
 
 def sample(config, workdir):
   """config.sample.num images at config.sample.temperature -> PNG grid and .npz."""
-  import jax
-  from denseflow_jax import evaluate as evaluate_lib
   num, temperature = int(config.sample.num), float(config.sample.temperature)
   if num < 1:
     raise ConfigError(f'sample.num must be at least 1, got {num}')
   if not temperature > 0:
     raise ConfigError(f'sample.temperature must be positive, got {temperature} '
                       '(1.0 is the model; 0.7 is a common choice for nicer samples)')
-  model, variables, _ = _model_and_variables(config, workdir)
+  model, variables, _ = checkpoint.load_model(config, workdir)
   key = jax.random.PRNGKey(config.seed)
   start = time.perf_counter()
   images = evaluate_lib.sample_images(model, variables, key, num, temperature,
@@ -83,33 +68,27 @@ def sample(config, workdir):
 
 def interpolate(config, workdir):
   """Latent interpolation between pairs of test images -> WORKDIR/latent/ (latent_tools)."""
-  from denseflow_jax import latent_tools
-  return latent_tools.interpolate(config, workdir, _model_and_variables)
+  return latent_tools.interpolate(config, workdir, checkpoint.load_model)
 
 
 def reconstruct(config, workdir):
   """Test images next to inverse(encode(x)) and the largest error -> WORKDIR/latent/."""
-  from denseflow_jax import latent_tools
-  return latent_tools.reconstruct(config, workdir, _model_and_variables)
+  return latent_tools.reconstruct(config, workdir, checkpoint.load_model)
 
 
 def sweep(config, workdir):
   """Samples at config.latent.temperatures (0 included), same noise per column."""
-  from denseflow_jax import latent_tools
-  return latent_tools.sweep(config, workdir, _model_and_variables)
+  return latent_tools.sweep(config, workdir, checkpoint.load_model)
 
 
 def fid(config, workdir):
   """FID of config.fid.num_samples samples against each of config.fid.splits (the data
   statistics are cached); writes WORKDIR/fid_T<temperature>_n<num>.json."""
-  from denseflow_jax import fid as fid_lib
-  return fid_lib.run_fid(config, workdir, _model_and_variables)
+  return fid_lib.run_fid(config, workdir, checkpoint.load_model)
 
 
 def train(config, workdir):
   """The official recipe with periodic test bits/dim (one-sample bound) and sample grids."""
-  import jax
-  from denseflow_jax import evaluate as evaluate_lib, model as model_lib, train as train_lib
   model = model_lib.make_model(config.model)
   key = jax.random.PRNGKey(config.seed + 1)
   log_prob_fn = evaluate_lib.make_log_prob_fn(model)

@@ -53,8 +53,7 @@ from tqdm.auto import tqdm
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
 from denseflow_jax import model as model_lib
-from denseflow_jax.errors import (CheckpointError, ConfigError, DataError, NonFiniteError,
-                                  TrainingInterrupted)
+from denseflow_jax.errors import ConfigError, DataError, NonFiniteError, TrainingInterrupted
 from denseflow_jax.interrupt import stop_signals
 from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow
 from denseflow_jax.model import DenseFlow
@@ -317,23 +316,6 @@ def make_state_init(spec, config, mesh, steps_per_epoch: int):
 # ---------------------------------------------------------------------------
 
 
-def _tree_summary(tree) -> dict:
-  return {jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype))
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _check_variables_match(variables, abstract, where: str) -> None:
-  got, want = _tree_summary(variables), _tree_summary(abstract)
-  if got != want:
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    shapes = sorted(k for k in set(got) & set(want) if got[k][0] != want[k][0])
-    raise CheckpointError(
-        f'the variables in {where} do not fit the configured model: missing {missing[:5]}, '
-        f'unexpected {extra[:5]}, shape mismatches {[(k, got[k][0], want[k][0]) for k in shapes[:5]]}; '
-        'check the model config')
-
-
 _all_finite_jit = jax.jit(_all_finite)
 
 
@@ -463,7 +445,7 @@ def _initial_state(config, workdir, checkpointer, latest, iterator, init_fn, to_
     return state, meta, None
   if config.get('checkpoint', ''):
     variables = ckpt_lib.load_variables(config.checkpoint)
-    _check_variables_match(variables, abstract_variables, config.checkpoint)
+    ckpt_lib.check_variables(variables, abstract_variables, config.checkpoint)
     logging.info('starting from the variables in %s', config.checkpoint)
     return to_state_fn(jax.device_put(variables, replicated(mesh))), {}, None
   first_batch = next(iterator)

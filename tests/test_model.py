@@ -114,6 +114,6 @@ def test_ablation_row_accepts_an_override_that_agrees_with_it():
   config = importlib.import_module('configs.ablation').get_config()
   config.model.noise = 'white'
   config.ablation_row = 5                 # row 5 is white noise
-  modes.finalize_config(config)
+  ablation.finalize_config(config)
   assert (config.model.coupling_net, config.model.cross_unit, config.model.noise) == (
       'dense_attention', True, 'white')

@@ -1,0 +1,122 @@
+"""The package's import structure: no import cycle between its modules, imports only at the
+top of a file (except optional dependencies, imported where they are needed), and a
+docstring in every module. Checked on the source with `ast`; nothing is imported."""
+import ast
+import collections
+import pathlib
+from typing import Dict, List, Set, Tuple
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'denseflow_jax'
+# Optional dependencies: imported lazily, inside the function that needs them.
+OPTIONAL = {'torch', 'tensorflow', 'tensorflow_datasets', 'sklearn'}
+
+
+def modules(root: pathlib.Path) -> Dict[str, pathlib.Path]:
+  """{'denseflow_jax.x.y': path} of every .py file under the package folder `root`."""
+  out = {}
+  for path in sorted(root.rglob('*.py')):
+    parts = (root.name,) + path.relative_to(root).with_suffix('').parts
+    if parts[-1] == '__init__':
+      parts = parts[:-1]
+    out['.'.join(parts)] = path
+  return out
+
+
+def import_graph(root: pathlib.Path) -> Dict[str, Set[str]]:
+  """{module: modules of the package it imports}, from imports at any level of the file."""
+  mods = modules(root)
+  graph = collections.defaultdict(set)
+  for name, path in mods.items():
+    is_package = path.name == '__init__.py'
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        if node.level:
+          base = name.split('.')[:len(name.split('.')) - node.level + is_package]
+          module = '.'.join(base + ([node.module] if node.module else []))
+        else:
+          module = node.module
+        targets = [module] + [f'{module}.{alias.name}' for alias in node.names]
+      else:
+        continue
+      graph[name].update(t for t in targets if t in mods and t != name)
+  return graph
+
+
+def find_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+  """Every import cycle a depth-first walk meets, as [a, b, ..., a]."""
+  cycles, done = [], set()
+
+  def visit(node, stack):
+    for nxt in sorted(graph.get(node, ())):
+      if nxt in stack:
+        cycles.append(stack[stack.index(nxt):] + [nxt])
+      elif nxt not in done:
+        visit(nxt, stack + [nxt])
+    done.add(node)
+
+  for node in sorted(graph):
+    if node not in done:
+      visit(node, [node])
+  return cycles
+
+
+def misplaced_imports(path: pathlib.Path) -> List[Tuple[int, str]]:
+  """(line, module) of every import that is not a top-level statement of the file
+  (inside a function, class, `if` or `try`), optional dependencies excepted."""
+  tree = ast.parse(path.read_text())
+  top = {id(node) for node in tree.body}
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      else:
+        names = ['.' * node.level + (node.module or '')]
+      found += [(node.lineno, n) for n in names if n.split('.')[0] not in OPTIONAL]
+  return found
+
+
+def test_the_package_has_no_import_cycle():
+  assert find_cycles(import_graph(PACKAGE)) == []
+
+
+# The data package split (another branch) moves data.py's `from absl import flags` to the
+# top; until then that file fails this check.
+_DATA = pytest.mark.xfail(strict=False, reason='data.py still imports absl inside '
+                          'make_train_iterator; fixed by the data package split')
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=_DATA) if name.split('.')[:2] == ['denseflow_jax', 'data']
+    else name for name in modules(PACKAGE)])
+def test_imports_are_at_the_top_except_optional_dependencies(name):
+  assert misplaced_imports(modules(PACKAGE)[name]) == []
+
+
+def test_every_module_has_a_docstring():
+  assert [name for name, path in modules(PACKAGE).items()
+          if not ast.get_docstring(ast.parse(path.read_text()))] == []
+
+
+def test_the_checks_find_a_cycle_and_a_late_import(tmp_path):
+  """The checks above on a tiny package that has what they must find."""
+  pkg = tmp_path / 'denseflow_jax'
+  (pkg / 'sub').mkdir(parents=True)
+  (pkg / '__init__.py').write_text('"""Package."""\n')
+  (pkg / 'sub' / '__init__.py').write_text('"""Sub."""\n')
+  (pkg / 'a.py').write_text('"""A."""\nfrom denseflow_jax import b\n')
+  (pkg / 'b.py').write_text('"""B."""\n\ndef f():\n  from denseflow_jax.sub import c\n'
+                            '  import torch  # optional: allowed\n')
+  (pkg / 'sub' / 'c.py').write_text('"""C."""\nfrom .. import a\nimport os\n'
+                                    'if os.name:\n  import json\n')
+  graph = import_graph(pkg)
+  assert graph['denseflow_jax.sub.c'] == {'denseflow_jax', 'denseflow_jax.a'}
+  assert find_cycles(graph) == [['denseflow_jax.a', 'denseflow_jax.b', 'denseflow_jax.sub.c',
+                                 'denseflow_jax.a']]
+  assert misplaced_imports(pkg / 'b.py') == [(4, 'denseflow_jax.sub')]
+  assert misplaced_imports(pkg / 'sub' / 'c.py') == [(5, 'json')]
+  assert misplaced_imports(pkg / 'a.py') == []
