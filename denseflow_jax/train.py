@@ -1,9 +1,10 @@
 """Training: train state, learning-rate schedule, the data-parallel train step, the loop.
 
     mesh = make_mesh()                                        # 1-D, axis 'data'
-    init, to_state = make_state_init(spec, config, mesh, steps_per_epoch)
+    settings = TrainSettings.from_config(config)
+    init, to_state = make_state_init(spec, settings, mesh, steps_per_epoch)
     state = to_state(init(init_key, global_batch(first_local_batch, mesh)))
-    step_fn = make_train_step(spec, config, mesh, steps_per_epoch)  # jitted once, donates state
+    step_fn = make_train_step(spec, settings, mesh, steps_per_epoch)  # jitted once, donates state
     state, metrics = step_fn(state, global_batch(local_batch, mesh), base_key)
 
 or all of it, with checkpoints, logs and resumption: ``train_and_evaluate(config, workdir)``.
@@ -37,7 +38,6 @@ fine-tune: that many fine-tuning steps).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -62,10 +62,9 @@ from denseflow_jax import model as model_lib
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.errors import (CheckpointError, ConfigError, DataError, NonFiniteError,
                                   TrainingInterrupted)
+from denseflow_jax.settings import EvalSettings, StepSettings, TrainSettings
 from denseflow_jax.spec import spec_from_config
 
-PHASES = ('pretrain', 'finetune')
-OPTIMIZERS = ('adamax', 'adam')
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 PRETRAINED_DIR = 'pretrained'
@@ -134,67 +133,6 @@ def eval_variables(state: TrainState, use_ema: bool = True) -> dict:
 # ---------------------------------------------------------------------------
 # Config, optimiser, schedule.
 # ---------------------------------------------------------------------------
-
-
-def _train_get(train_config, name, default):
-  return train_config.get(name, default) if hasattr(train_config, 'get') else default
-
-
-def validate_train_config(config) -> None:
-  """ConfigError for training settings that cannot work (before anything compiles)."""
-  t = config.train
-  phase = _train_get(t, 'phase', 'pretrain')
-  if phase not in PHASES:
-    raise ConfigError(f"train.phase must be one of {PHASES}, got {phase!r}")
-  optimizer = _train_get(t, 'optimizer', 'adamax')
-  if optimizer not in OPTIMIZERS:
-    raise ConfigError(f'train.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}')
-  if int(t.batch_size) <= 0:
-    raise ConfigError(f'train.batch_size must be positive, got {t.batch_size}')
-  for name in ('lr', 'finetune_lr'):
-    if not float(t[name]) >= 0:
-      raise ConfigError(f'train.{name} must be >= 0, got {t[name]}')
-  if int(t.warmup_steps) < 0:
-    raise ConfigError(f'train.warmup_steps must be >= 0, got {t.warmup_steps}')
-  if not 0 < float(t.gamma) <= 1:
-    raise ConfigError(f'train.gamma (lr decay per epoch) must be in (0, 1], got {t.gamma}')
-  if not 0 <= float(t.ema_decay) < 1:
-    raise ConfigError(f'train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}')
-  if float(t.grad_clip) < 0:
-    raise ConfigError(f'train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}')
-  for name in ('log_every', 'checkpoint_every_steps', 'max_nonfinite_in_row'):
-    if int(t[name]) <= 0:
-      raise ConfigError(f'train.{name} must be positive, got {t[name]}')
-  if int(t.num_steps) <= 0:
-    epochs = t.finetune_epochs if phase == 'finetune' else t.epochs
-    if int(epochs) <= 0:
-      raise ConfigError(f"train.{'finetune_epochs' if phase == 'finetune' else 'epochs'} "
-                        f'must be positive (or set train.num_steps > 0), got {epochs}')
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-  """The training settings the compiled step depends on (hashable: compiled steps are
-  cached on it, so repeated runs in one process compile once)."""
-  steps_per_epoch: int
-  phase: str = 'pretrain'
-  optimizer: str = 'adamax'
-  lr: float = 1e-3
-  warmup_steps: int = 0
-  gamma: float = 1.0
-  finetune_lr: float = 2e-5
-  grad_clip: float = 0.0
-  ema_decay: float = 0.0
-
-  @classmethod
-  def from_config(cls, config, steps_per_epoch: int) -> 'StepSettings':
-    t = config.train
-    return cls(steps_per_epoch=int(steps_per_epoch),
-               phase=str(_train_get(t, 'phase', 'pretrain')),
-               optimizer=str(_train_get(t, 'optimizer', 'adamax')),
-               lr=float(t.lr), warmup_steps=int(t.warmup_steps), gamma=float(t.gamma),
-               finetune_lr=float(t.finetune_lr), grad_clip=float(t.grad_clip),
-               ema_decay=float(t.ema_decay))
 
 
 def make_optimizer(settings: StepSettings) -> optax.GradientTransformation:
@@ -346,13 +284,13 @@ def _compiled_train_step(spec, settings: StepSettings, mesh):
                  donate_argnums=(0,))
 
 
-def make_train_step(spec, config, mesh, steps_per_epoch: int):
+def make_train_step(spec, settings: TrainSettings, mesh, steps_per_epoch: int):
   """``jit``-compiled data-parallel train step ``(state, batch, base_key) -> (state, metrics)``.
 
   Args:
     spec: the ModelSpec (``model.spec``).
-    config: the full config (train.* settings; ``train.batch_size`` is checked to divide
-      over the mesh).
+    settings: ``TrainSettings.from_config(config)`` (``batch_size`` is checked to divide
+      over the mesh; the step is compiled for ``settings.step_settings(steps_per_epoch)``).
     mesh: from :func:`make_mesh`.
     steps_per_epoch: for the per-epoch lr decay.
 
@@ -361,8 +299,8 @@ def make_train_step(spec, config, mesh, steps_per_epoch: int):
   argument is donated: do not use it after the call. Cached: the same (spec, settings,
   mesh) returns the same compiled function.
   """
-  check_batch_divisible(config.train.batch_size, mesh)
-  return _compiled_train_step(spec, StepSettings.from_config(config, steps_per_epoch), mesh)
+  check_batch_divisible(settings.batch_size, mesh)
+  return _compiled_train_step(spec, settings.step_settings(steps_per_epoch), mesh)
 
 
 @functools.lru_cache(maxsize=16)
@@ -383,12 +321,12 @@ def _compiled_init(spec, settings: StepSettings, mesh):
           jax.jit(to_state, out_shardings=rep))
 
 
-def make_state_init(spec, config, mesh, steps_per_epoch: int):
+def make_state_init(spec, settings: TrainSettings, mesh, steps_per_epoch: int):
   """Jitted ``(init, to_state)``: ``init(key, global_batch) -> {'params', 'batch_stats'}``
   (data-dependent ActNorm initialisation) and ``to_state(variables) -> TrainState``, both
   replicated over the mesh. Cached like :func:`make_train_step`."""
-  check_batch_divisible(config.train.batch_size, mesh)
-  return _compiled_init(spec, StepSettings.from_config(config, steps_per_epoch), mesh)
+  check_batch_divisible(settings.batch_size, mesh)
+  return _compiled_init(spec, settings.step_settings(steps_per_epoch), mesh)
 
 
 # ---------------------------------------------------------------------------
@@ -484,8 +422,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   workdir = pathlib.Path(workdir).resolve()
   # ---- everything that can fail on the config, before any compilation ----
   spec = spec_from_config(config.model)
-  validate_train_config(config)
-  phase = _train_get(t, 'phase', 'pretrain')
+  phase = TrainSettings.from_config(config).phase
+  EvalSettings.from_config(config)   # the loop reads eval.use_ema
   mesh = make_mesh()
   check_batch_divisible(t.batch_size, mesh)
   with contextlib.ExitStack() as cleanup:
@@ -536,11 +474,12 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
                 sample_fn) -> TrainState:
   """The body of train_and_evaluate once the checkpointer and the data iterator exist."""
   t = config.train
-  phase = _train_get(t, 'phase', 'pretrain')
+  phase = t.phase
   is_main = jax.process_index() == 0
   steps_per_epoch = iterator.steps_per_epoch
 
-  settings = StepSettings.from_config(config, steps_per_epoch)
+  train_settings = TrainSettings.from_config(config)
+  settings = train_settings.step_settings(steps_per_epoch)
   init_fn, to_state_fn = _compiled_init(spec, settings, mesh)
   rep = replicated(mesh)
   local_shape = (int(t.batch_size) // jax.process_count(), *spec.image_shape)
@@ -586,17 +525,17 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
   else:
     total_steps = int(t.num_steps) if int(t.num_steps) > 0 else int(t.epochs) * steps_per_epoch
     meta = dict(meta, phase='pretrain')
-  best_metric = _train_get(t, 'best_metric', 'test_bpd')
-  use_ema = bool(config.eval.get('use_ema', True)) if 'eval' in config else True
+  best_metric = t.best_metric
+  use_ema = config.eval.use_ema
 
-  train_step = make_train_step(spec, config, mesh, steps_per_epoch)
+  train_step = make_train_step(spec, train_settings, mesh, steps_per_epoch)
   # A fresh start also drops the records of an earlier attempt killed before its first
   # checkpoint.
   log = _MetricsLog(workdir, start_step, is_main)
   max_bad = int(t.max_nonfinite_in_row)
   log_every = int(t.log_every)
-  eval_every = int(_train_get(t, 'eval_every_epochs', 1))
-  sample_every = int(_train_get(t, 'sample_every_epochs', 1))
+  eval_every = int(t.eval_every_epochs)
+  sample_every = int(t.sample_every_epochs)
 
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
