@@ -344,11 +344,11 @@ def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = Fa
   return jax.tree.map(np.asarray, variables)
 
 
-def load_model(config, workdir):
+def load_model(config, workdir, use_ema: bool):
   """(model, variables, source) for every mode that runs a trained model: the model of
   ``config.model`` and the variables of ``config.checkpoint`` (e.g. a converted official
-  model) when set, else of the workdir's latest checkpoint (EMA parameters with
-  ``config.eval.use_ema``); source is the directory they came from."""
+  model) when set, else of the workdir's latest checkpoint (its EMA parameters when
+  ``use_ema`` and the run kept them); source is the directory they came from."""
   model = model_lib.make_model(config.model)
   source = config.checkpoint or workdir
   if not config.checkpoint and not holds_model(workdir):
@@ -356,7 +356,7 @@ def load_model(config, workdir):
         f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
         f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
         '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
-  variables = load_variables(source, config, use_ema=config.eval.use_ema)
+  variables = load_variables(source, config, use_ema=use_ema)
   return model, variables, source
 
 

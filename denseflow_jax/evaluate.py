@@ -35,9 +35,8 @@ from denseflow_jax import data
 from denseflow_jax.files import atomic_write, write_json_atomic, write_npz_atomic
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, draw_sample_noise
+from denseflow_jax.settings import EvalSettings
 
-DEFAULT_K_CHUNK = 50
-SWEEP_TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0)
 GRID_MIN_WIDTH = 512           # PNG grids are enlarged (whole factor) to at least this width
 
 LogProbFn = Callable[[Any, Any, Any], jax.Array]
@@ -103,7 +102,7 @@ def _accumulate(running, total, log_p, valid):
 
 
 def iwbo_and_elbo(log_prob_fn: LogProbFn, variables, x, key, k: int,
-                  k_chunk: int = DEFAULT_K_CHUNK):
+                  k_chunk: int):
   """(IWBO [B], mean of the k one-sample ELBOs [B]) in nats from the same k samples.
 
   Passes of `min(k_chunk, k) * B` images; sample j of example b uses key
@@ -124,30 +123,29 @@ def iwbo_and_elbo(log_prob_fn: LogProbFn, variables, x, key, k: int,
   return running - math.log(k), total / k
 
 
-def iwbo(log_prob_fn: LogProbFn, variables, x, key, k: int, k_chunk: int = DEFAULT_K_CHUNK):
+def iwbo(log_prob_fn: LogProbFn, variables, x, key, k: int, k_chunk: int):
   """Importance-weighted bound log (1/k) sum_i p(x, u_i) / q(u_i | x) in nats, [B]."""
   return iwbo_and_elbo(log_prob_fn, variables, x, key, k, k_chunk)[0]
 
 
-def evaluate_dataset(model: DenseFlow, variables, config, key, k: Optional[int] = None,
-                     split: str = 'test', *, k_chunk: Optional[int] = None,
-                     batch_size: Optional[int] = None, num_examples: Optional[int] = None,
-                     log_prob_fn: Optional[LogProbFn] = None,
+def evaluate_dataset(model: DenseFlow, variables, config, key, settings: EvalSettings,
+                     split: str = 'test', *, log_prob_fn: Optional[LogProbFn] = None,
                      progress: bool = True) -> Dict[str, Any]:
   """Bounds over a data split in bits/dim; padded rows of the eval batches are left out.
 
-  `k`, `k_chunk`, `batch_size`, `num_examples` default to config.eval; each pass
-  evaluates `batch_size * min(k_chunk, k)` images. Batch i uses fold_in(key, i).
-  Returns elbo_bpd (mean of the k one-sample bounds), iwbo_bpd (when k > 1), k,
+  `settings` (``EvalSettings.from_config(config)``, or ``dataclasses.replace`` of it, e.g.
+  ``k=1``) gives k, k_chunk, batch_size and num_examples; `config` the data and the image
+  shape. Each pass evaluates `batch_size * min(k_chunk, k)` images. Batch i uses
+  fold_in(key, i). Returns elbo_bpd (mean of the k one-sample bounds), iwbo_bpd (when k > 1), k,
   k_chunk, split, num_examples, num_batches, num_nonfinite (examples whose bound
   is not finite), seconds (wall time, including the first batch's compilation),
   seconds_first_batch and images_per_second.
   """
-  k = int(config.eval.k if k is None else k)
-  k_chunk = int(config.eval.get('k_chunk', DEFAULT_K_CHUNK) if k_chunk is None else k_chunk)
+  k, k_chunk = settings.k, settings.k_chunk
+  batch_size, num_examples = settings.batch_size, settings.num_examples
   log_prob_fn = make_log_prob_fn(model) if log_prob_fn is None else log_prob_fn
   source = data.load_split(config.data, split, image_shape=config.model.image_shape,
-                           num_bits=config.model.get('num_bits', None))
+                           num_bits=config.model.num_bits)
   num_batches = data.eval_num_batches(config, split, batch_size, num_examples, source=source)
   batches = data.iterate_eval(config, split, batch_size, num_examples, source=source)
 
@@ -233,8 +231,8 @@ def _sample_batch(model: DenseFlow, variables, keys, temperature):
   return dequantization_inverse(y, model.spec.num_bits)
 
 
-def iterate_samples(model: DenseFlow, variables, key, num: int, temperature: float = 1.0,
-                    batch_size: int = 256) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def iterate_samples(model: DenseFlow, variables, key, num: int, temperature: float,
+                    batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """Batches (uint8 images [b, H, W, C], valid [b]) of `num` samples; image n uses
   fold_in(key, n). Every batch has the same size, so one compiled sampler serves them
   all: the last one is filled up with extra draws that `valid` marks False.
@@ -248,8 +246,8 @@ def iterate_samples(model: DenseFlow, variables, key, num: int, temperature: flo
     yield images, start + np.arange(size) < num
 
 
-def sample_images(model: DenseFlow, variables, key, num: int, temperature: float = 1.0,
-                  batch_size: int = 256) -> np.ndarray:
+def sample_images(model: DenseFlow, variables, key, num: int, temperature: float,
+                  batch_size: int) -> np.ndarray:
   """`num` samples, uint8 [num, H, W, C] in 0..2^bits-1; image n uses fold_in(key, n)."""
   batches = iterate_samples(model, variables, key, num, temperature, batch_size)
   return np.concatenate([images[valid] for images, valid in batches])
@@ -303,9 +301,9 @@ def save_samples_npz(path, images, temperature: float, seconds: float):
                    seconds=np.float64(seconds))
 
 
-def temperature_sweep_grid(model: DenseFlow, variables, key, path_png=None,
-                           temperatures: Sequence[float] = SWEEP_TEMPERATURES, num_per_row: int = 8,
-                           batch_size: int = 256) -> np.ndarray:
+def temperature_sweep_grid(model: DenseFlow, variables, key, path_png,
+                           temperatures: Sequence[float], num_per_row: int,
+                           batch_size: int) -> np.ndarray:
   """Samples [len(temperatures) * num_per_row, H, W, C]: row t at temperatures[t], the
   same noise in every row (column n uses fold_in(key, n)). Saves a grid to `path_png`."""
   images = np.concatenate([sample_images(model, variables, key, num_per_row, t, batch_size)

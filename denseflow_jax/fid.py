@@ -18,10 +18,10 @@ scatter M_b = sum (x - m_b)(x - m_b)^T joins the running (n, m, M) as
 
 which is exact for any order and split of the rows, up to float64 rounding.
 
-`run_fid` draws `config.fid.num_samples` samples (image n from fold_in(key, n),
+`run_fid` draws `fid.num_samples` samples (image n from fold_in(key, n),
 the same images as `--mode sample` with that seed), features them batch by
-batch and reports the FID against each split in `config.fid.splits`. The
-statistics of a split are computed once and cached in `config.fid.stats_dir`
+batch and reports the FID against each split in `fid.splits`. The
+statistics of a split are computed once and cached in `fid.stats_dir`
 (default WORKDIR/fid_stats) under a name made of the data set, split, image
 shape, bits and the Inception weights' digest. The paper reports 34.9 on
 CIFAR-10 with 50k samples at temperature 1 against the training split.
@@ -41,6 +41,7 @@ from denseflow_jax import data, inception
 from denseflow_jax.errors import ConfigError, FIDError
 from denseflow_jax.evaluate import iterate_samples, to_display
 from denseflow_jax.files import write_json_atomic, write_npz_atomic
+from denseflow_jax.settings import FidSettings
 
 SINGULAR_EPS = 1e-6
 IMAGINARY_ATOL = 1e-3
@@ -107,39 +108,18 @@ class ActivationStats:
 
 # ---------------------------------------------------------------- config
 
-def validate_fid_config(config, need_weights: bool = True) -> Dict[str, Any]:
-  """config.fid checked and normalised; ConfigError naming the field and the fix.
-  `need_weights=False` (an injected feature function) skips fid.inception_weights."""
-  f = config.get('fid')
-  if f is None:
-    raise ConfigError('config has no fid section; start from configs/default.py')
-  num, batch = f.get('num_samples', 50000), f.get('batch_size', 500)
-  if not isinstance(num, int) or num < 2:
-    raise ConfigError(f'fid.num_samples must be an integer >= 2 (a covariance needs two '
-                      f'samples; the paper uses 50000), got {num!r}')
-  if not isinstance(batch, int) or batch < 1:
-    raise ConfigError(f'fid.batch_size must be a positive integer, got {batch!r}')
-  temperature = f.get('temperature', 1.0)
-  if not isinstance(temperature, (int, float)) or not temperature > 0:
-    raise ConfigError(f'fid.temperature must be positive, got {temperature!r} (the paper\'s '
-                      'FID is at 1.0)')
-  splits = f.get('splits', ('train', 'test'))
-  splits = (splits,) if isinstance(splits, str) else tuple(splits)
-  if not splits or not all(isinstance(s, str) and s for s in splits) or \
-      len(set(splits)) != len(splits):
-    raise ConfigError(f"fid.splits must be distinct split names such as ('train', 'test'), "
-                      f'got {splits!r}')
-  weights = f.get('inception_weights', '')
+def require_inception_weights(settings: FidSettings) -> str:
+  """fid.inception_weights, which must name an existing file (settings.FidSettings checks
+  the other fields); ConfigError with how to get it otherwise."""
+  weights = settings.inception_weights
   get = (f'download {inception.WEIGHTS_URL}, convert it once with {inception.CONVERT_COMMAND} '
          'and pass --config.fid.inception_weights=inception_fid.npz')
-  if need_weights and not weights:
+  if not weights:
     raise ConfigError(f'--mode fid needs the FID Inception weights, but fid.inception_weights '
                       f'is empty; {get}')
-  if need_weights and not os.path.isfile(weights):
+  if not os.path.isfile(weights):
     raise ConfigError(f'fid.inception_weights = {weights} does not exist; {get}')
-  return {'num_samples': num, 'batch_size': batch, 'temperature': float(temperature),
-          'splits': splits, 'inception_weights': weights,
-          'stats_dir': f.get('stats_dir', '')}
+  return weights
 
 
 # ---------------------------------------------------------------- statistics
@@ -175,8 +155,7 @@ def stats_cache_path(stats_dir, data_config, split: str, image_shape, num_bits: 
   """`stats_dir/<dataset>_<split>_<H>x<W>x<C>[_<bits>bit]_<feature_id>.npz`; a file data set
   ('npz', 'folder') adds a digest of its path, size and modification time, so that
   statistics of a replaced file are never reused."""
-  name = data_config.get('dataset', '')
-  source = data_config.get('source', '')
+  name, source = data_config['dataset'], data_config['source']
   if source:
     path = os.path.abspath(source)
     stat = os.stat(path) if os.path.exists(path) else None
@@ -194,7 +173,7 @@ def dataset_stats(config, split: str, feature_fn: FeatureFn, feature_id: str, st
                   batch_size: int, progress: bool = True):
   """(mean, covariance, count, cache path, cache hit) of the features of a whole split;
   read from the cache when present, else computed and written there atomically."""
-  num_bits = int(config.model.get('num_bits', 8))
+  num_bits = int(config.model.num_bits)
   path = stats_cache_path(stats_dir, config.data, split, config.model.image_shape, num_bits,
                           feature_id)
   if os.path.isfile(path):
@@ -228,34 +207,35 @@ def sample_stats(model, variables, key, num: int, temperature: float, batch_size
     return _feature_stats(batches, feature_fn, model.spec.num_bits, bar)
 
 
-def run_fid(config, workdir, load_model: Callable, *, feature_fn: Optional[FeatureFn] = None,
-            feature_id: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
-  """FID of config.fid.num_samples samples against each of config.fid.splits; writes
-  WORKDIR/fid_T<temperature>_n<num>.json and returns its contents.
+def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
+            feature_fn: Optional[FeatureFn] = None, feature_id: Optional[str] = None,
+            progress: bool = True) -> Dict[str, Any]:
+  """FID of fid.num_samples samples against each of fid.splits (`settings`:
+  ``FidSettings.from_config(config)``); writes WORKDIR/fid_T<temperature>_n<num>.json and
+  returns its contents.
 
   load_model(config, workdir) -> (model, variables, checkpoint source) runs after the
-  settings are validated (modes passes the loader `--mode eval` uses); feature_fn (uint8
-  [B, H, W, C] in 0..255 -> [B, D]) defaults to the FID Inception of
-  config.fid.inception_weights, and feature_id (part of the cache names) to its digest.
+  Inception weights are checked (modes passes the loader `--mode eval` uses); feature_fn
+  (uint8 [B, H, W, C] in 0..255 -> [B, D]) defaults to the FID Inception of
+  fid.inception_weights, and feature_id (part of the cache names) to its digest.
   """
   start_time = time.perf_counter()
   if feature_fn is None:
-    settings = validate_fid_config(config)
-    feature_fn = inception.make_feature_fn(settings['inception_weights'])
-    feature_id = f'inception-{inception.weights_digest(settings["inception_weights"])}'
+    weights = require_inception_weights(settings)
+    feature_fn = inception.make_feature_fn(weights)
+    feature_id = f'inception-{inception.weights_digest(weights)}'
   else:
-    settings = validate_fid_config(config, need_weights=False)
     feature_id = feature_id or 'custom'
   model, variables, checkpoint = load_model(config, workdir)
-  stats_dir = settings['stats_dir'] or os.path.join(os.fspath(workdir), 'fid_stats')
-  num, temperature = settings['num_samples'], settings['temperature']
+  stats_dir = settings.stats_dir or os.path.join(os.fspath(workdir), 'fid_stats')
+  num, temperature = settings.num_samples, settings.temperature
 
   references = {}
-  for split in settings['splits']:
+  for split in settings.splits:
     references[split] = dataset_stats(config, split, feature_fn, feature_id, stats_dir,
-                                      settings['batch_size'], progress)
+                                      settings.batch_size, progress)
   stats = sample_stats(model, variables, jax.random.PRNGKey(config.seed), num, temperature,
-                       settings['batch_size'], feature_fn, progress)
+                       settings.batch_size, feature_fn, progress)
   mu, sigma = stats.mean, stats.covariance
   # sqrtm of a 2048x2048 product: seconds on a many-core host, about a minute per split
   # on two cores.

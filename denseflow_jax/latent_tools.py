@@ -43,8 +43,8 @@ from denseflow_jax.files import write_json_atomic, write_npz_atomic
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.errors import ConfigError
+from denseflow_jax.settings import LATENT_METHODS as METHODS, LatentSettings
 
-METHODS = ('linear', 'slerp')
 LATENT_DIR = 'latent'
 # Below this sin W the two latents are (anti)parallel: slerp is then linear or undefined.
 SLERP_MIN_SIN = 1e-6
@@ -53,28 +53,13 @@ LoadModel = Callable   # (config, workdir) -> (model, variables, checkpoint sour
 
 
 # ---------------------------------------------------------------- settings
-
-def _latent(config):
-  if 'latent' not in config:
-    raise ConfigError('the config has no `latent` section; build it on configs/default.py, '
-                      'which defines latent.num_pairs, steps, method, indices, num_images, '
-                      'temperatures and num_per_row')
-  return config.latent
-
-
-def _int(name, value, minimum):
-  try:
-    number = int(value)
-  except (TypeError, ValueError):
-    raise ConfigError(f'latent.{name} must be an integer, got {value!r}') from None
-  if number != value or number < minimum:
-    raise ConfigError(f'latent.{name} must be an integer >= {minimum}, got {value!r}')
-  return number
+# Every field is checked by settings.LatentSettings; what needs the test split's size is
+# checked here, once the split is loaded (before the model is).
 
 
 def _test_split(config):
   return data.load_split(config.data, 'test', image_shape=config.model.image_shape,
-                         num_bits=config.model.get('num_bits', None))
+                         num_bits=config.model.num_bits)
 
 
 def _check_indices(indices, size, what, fix):
@@ -84,58 +69,28 @@ def _check_indices(indices, size, what, fix):
                       f'images (valid: 0..{size - 1}); {fix}')
 
 
-def interpolation_settings(config, num_test: int):
-  """Validated (pairs [P, 2] of test indices, steps, method) of `config.latent`.
-
-  Pairs come from latent.indices when set ((i0, i1), (i2, i3), ...; latent.num_pairs is
-  then not used), else from the first 2 * latent.num_pairs test images."""
-  latent = _latent(config)
-  steps = _int('steps', latent.steps, 2)
-  method = latent.method
-  if method not in METHODS:
-    raise ConfigError(f'latent.method must be one of {METHODS}, got {method!r}')
-  indices = tuple(latent.indices)
+def interpolation_pairs(settings: LatentSettings, num_test: int) -> np.ndarray:
+  """Pairs [P, 2] of test indices: latent.indices when set ((i0, i1), (i2, i3), ...;
+  latent.num_pairs is then not used), else the first 2 * latent.num_pairs test images.
+  ConfigError if they are not in a test split of `num_test` images."""
+  indices = settings.indices
   if indices:
-    indices = tuple(_int('indices', i, 0) for i in indices)
-    if len(indices) % 2:
-      raise ConfigError(f'latent.indices must hold pairs of test indices (an even number), '
-                        f'got {len(indices)}: {indices}')
     _check_indices(indices, num_test, 'latent.indices', 'choose indices in that range')
   else:
-    num_pairs = _int('num_pairs', latent.num_pairs, 1)
+    num_pairs = settings.num_pairs
     if 2 * num_pairs > num_test:
       raise ConfigError(f'latent.num_pairs = {num_pairs} needs {2 * num_pairs} test images but '
                         f'the test split has {num_test}; set --config.latent.num_pairs='
                         f'{num_test // 2} or fewer')
     indices = tuple(range(2 * num_pairs))
-  return np.asarray(indices, np.int64).reshape(-1, 2), steps, method
+  return np.asarray(indices, np.int64).reshape(-1, 2)
 
 
-def reconstruct_settings(config, num_test: int):
-  """Validated (num_images, num_per_row) of `config.latent`."""
-  latent = _latent(config)
-  num_images = _int('num_images', latent.num_images, 1)
-  if num_images > num_test:
-    raise ConfigError(f'latent.num_images = {num_images} but the test split has {num_test} '
-                      f'images; set --config.latent.num_images={num_test} or fewer')
-  return num_images, _int('num_per_row', latent.num_per_row, 1)
-
-
-def sweep_settings(config):
-  """Validated (temperatures, num_per_row) of `config.latent`."""
-  latent = _latent(config)
-  try:
-    temperatures = tuple(float(t) for t in latent.temperatures)
-  except (TypeError, ValueError):
-    raise ConfigError(f'latent.temperatures must be a list of numbers, got '
-                      f'{latent.temperatures!r}') from None
-  if not temperatures:
-    raise ConfigError('latent.temperatures is empty; give at least one, e.g. (0.0, 0.5, 1.0)')
-  bad = [t for t in temperatures if not (np.isfinite(t) and t >= 0)]
-  if bad:
-    raise ConfigError(f'latent.temperatures must be finite and >= 0 (0 is the mode, 1 the '
-                      f'model), got {bad}')
-  return temperatures, _int('num_per_row', latent.num_per_row, 1)
+def check_num_images(settings: LatentSettings, num_test: int) -> None:
+  """ConfigError unless the test split (`num_test` images) holds latent.num_images."""
+  if settings.num_images > num_test:
+    raise ConfigError(f'latent.num_images = {settings.num_images} but the test split has '
+                      f'{num_test} images; set --config.latent.num_images={num_test} or fewer')
 
 
 # ---------------------------------------------------------------- encode / decode
@@ -207,14 +162,15 @@ def _out_dir(workdir):
 
 # ---------------------------------------------------------------- modes
 
-def interpolate(config, workdir, load_model: LoadModel):
+def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel):
   """Interpolates between pairs of test images -> WORKDIR/latent/interpolate_<method>.png
   (one row per pair, `steps` columns from image a to image b) and .npz with images
   (uint8 [P, steps, H, W, C]), continuous ([0, 1) float32, same shape), originals
   ([P, 2, H, W, C]), indices [P, 2], t [steps], weights [P, steps, 2] and method.
   Returns the uint8 images."""
   source = _test_split(config)
-  pairs, steps, method = interpolation_settings(config, len(source))
+  pairs = interpolation_pairs(settings, len(source))
+  steps, method = settings.steps, settings.method
   model, variables, _ = load_model(config, workdir)
   originals = np.stack([source[int(i)] for i in pairs.ravel()])
   start = time.perf_counter()
@@ -253,7 +209,7 @@ def _alternating_rows(originals, reconstructions, per_row: int, num_bits: int):
   return np.concatenate(tiles)
 
 
-def reconstruct(config, workdir, load_model: LoadModel):
+def reconstruct(config, settings: LatentSettings, workdir, load_model: LoadModel):
   """The first latent.num_images test images and inverse(encode(x)) -> WORKDIR/latent/
   reconstruct.png (rows alternate: originals, then their reconstructions below them,
   latent.num_per_row per row), reconstruct.npz (originals, reconstructions uint8;
@@ -261,7 +217,8 @@ def reconstruct(config, workdir, load_model: LoadModel):
   maximum absolute error in uint8 levels and in continuous units and how many values
   (and pixels: any channel) differ. Returns the JSON dict."""
   source = _test_split(config)
-  num_images, per_row = reconstruct_settings(config, len(source))
+  check_num_images(settings, len(source))
+  num_images, per_row = settings.num_images, settings.num_per_row
   model, variables, checkpoint = load_model(config, workdir)
   originals = np.stack([source[i] for i in range(num_images)])
   y, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(config.seed))
@@ -294,18 +251,19 @@ def reconstruct(config, workdir, load_model: LoadModel):
   return result
 
 
-def sweep(config, workdir, load_model: LoadModel):
+def sweep(config, settings: LatentSettings, workdir, load_model: LoadModel, batch_size: int):
   """`evaluate.temperature_sweep_grid`: row t at latent.temperatures[t] (0 = the mode of
   every latent, so that row is one image repeated), column n with the noise of
   fold_in(PRNGKey(seed), n) in every row (the row at T = 1 is `--mode sample`'s first
   images) -> WORKDIR/latent/temperature_sweep.png and .npz (images [T, n, H, W, C],
-  temperatures). Returns the images [T * n, H, W, C]."""
-  temperatures, per_row = sweep_settings(config)
+  temperatures), sampled `batch_size` (sample.batch_size) at a time. Returns the images
+  [T * n, H, W, C]."""
+  temperatures, per_row = settings.temperatures, settings.num_per_row
   model, variables, _ = load_model(config, workdir)
   stem = os.path.join(_out_dir(workdir), 'temperature_sweep')
   images = evaluate.temperature_sweep_grid(model, variables, jax.random.PRNGKey(config.seed),
                                            stem + '.png', temperatures, per_row,
-                                           batch_size=config.sample.batch_size)
+                                           batch_size=batch_size)
   write_npz_atomic(stem + '.npz',
                    images=images.reshape(len(temperatures), per_row, *images.shape[1:]),
                    temperatures=np.asarray(temperatures))

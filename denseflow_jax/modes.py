@@ -1,8 +1,11 @@
 """What each `--mode` of `denseflow_jax.main` does.
 
+Every mode first builds the settings of each section it reads (settings.py: a ConfigError
+naming the field), then loads data and the model: a bad value never waits for a load.
 The modes that run a trained model get it from `checkpoint.load_model`; `run` applies
 `ablation.finalize_config` and checks the model and --workdir before any mode starts.
 """
+import dataclasses
 import json
 import os
 import time
@@ -16,6 +19,8 @@ from denseflow_jax import model as model_lib
 from denseflow_jax import train as train_lib
 from denseflow_jax.ablation import finalize_config
 from denseflow_jax.errors import ConfigError
+from denseflow_jax.settings import (DataSettings, EvalSettings, FidSettings, LatentSettings,
+                                    RunSettings, SampleSettings, TrainSettings)
 from denseflow_jax.spec import spec_from_config
 from denseflow_jax.summary import format_table, parameter_table
 
@@ -27,12 +32,25 @@ def summary(config, workdir=None):
   print(format_table(parameter_table(spec), spec))
 
 
+def _loader(eval_settings: EvalSettings):
+  """`load_model(config, workdir)` for latent_tools and fid: checkpoint.load_model with
+  eval.use_ema."""
+  return lambda config, workdir: checkpoint.load_model(config, workdir, eval_settings.use_ema)
+
+
+# Every mode that loads a model reads eval.use_ema; those that read images read data.*.
+
+
 def evaluate(config, workdir):
   """Bits/dim on the test split: one-sample bound and IWBO with config.eval.k samples."""
-  model, variables, source = checkpoint.load_model(config, workdir)
-  key = jax.random.PRNGKey(config.seed)
-  result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=config.eval.k)
-  images, mask = next(iter(data.iterate_eval(config, 'test')))   # first (padded) batch
+  run = RunSettings.from_config(config)
+  DataSettings.from_config(config)
+  settings = EvalSettings.from_config(config)
+  model, variables, source = checkpoint.load_model(config, workdir, settings.use_ema)
+  key = jax.random.PRNGKey(run.seed)
+  result = evaluate_lib.evaluate_dataset(model, variables, config, key, settings)
+  images, mask = next(iter(data.iterate_eval(config, 'test', settings.batch_size,
+                                             settings.num_examples)))   # first (padded) batch
   result['reconstruction_error'] = evaluate_lib.reconstruction_error(
       model, variables, images[mask], jax.random.fold_in(key, 10**6))
   result['checkpoint'] = os.fspath(source)
@@ -44,17 +62,15 @@ def evaluate(config, workdir):
 
 def sample(config, workdir):
   """config.sample.num images at config.sample.temperature -> PNG grid and .npz."""
-  num, temperature = int(config.sample.num), float(config.sample.temperature)
-  if num < 1:
-    raise ConfigError(f'sample.num must be at least 1, got {num}')
-  if not temperature > 0:
-    raise ConfigError(f'sample.temperature must be positive, got {temperature} '
-                      '(1.0 is the model; 0.7 is a common choice for nicer samples)')
-  model, variables, _ = checkpoint.load_model(config, workdir)
-  key = jax.random.PRNGKey(config.seed)
+  run = RunSettings.from_config(config)
+  eval_settings = EvalSettings.from_config(config)
+  settings = SampleSettings.from_config(config)
+  num, temperature = settings.num, settings.temperature
+  model, variables, _ = checkpoint.load_model(config, workdir, eval_settings.use_ema)
+  key = jax.random.PRNGKey(run.seed)
   start = time.perf_counter()
   images = evaluate_lib.sample_images(model, variables, key, num, temperature,
-                                      config.sample.batch_size)
+                                      settings.batch_size)
   seconds = time.perf_counter() - start
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(out_dir, exist_ok=True)
@@ -68,43 +84,76 @@ def sample(config, workdir):
 
 def interpolate(config, workdir):
   """Latent interpolation between pairs of test images -> WORKDIR/latent/ (latent_tools)."""
-  return latent_tools.interpolate(config, workdir, checkpoint.load_model)
+  RunSettings.from_config(config)
+  DataSettings.from_config(config)
+  eval_settings = EvalSettings.from_config(config)
+  settings = LatentSettings.from_config(config)
+  return latent_tools.interpolate(config, settings, workdir, _loader(eval_settings))
 
 
 def reconstruct(config, workdir):
   """Test images next to inverse(encode(x)) and the largest error -> WORKDIR/latent/."""
-  return latent_tools.reconstruct(config, workdir, checkpoint.load_model)
+  RunSettings.from_config(config)
+  DataSettings.from_config(config)
+  eval_settings = EvalSettings.from_config(config)
+  settings = LatentSettings.from_config(config)
+  return latent_tools.reconstruct(config, settings, workdir, _loader(eval_settings))
 
 
 def sweep(config, workdir):
   """Samples at config.latent.temperatures (0 included), same noise per column."""
-  return latent_tools.sweep(config, workdir, checkpoint.load_model)
+  RunSettings.from_config(config)
+  eval_settings = EvalSettings.from_config(config)
+  settings = LatentSettings.from_config(config)
+  sample_settings = SampleSettings.from_config(config)
+  return latent_tools.sweep(config, settings, workdir, _loader(eval_settings),
+                            sample_settings.batch_size)
 
 
 def fid(config, workdir):
   """FID of config.fid.num_samples samples against each of config.fid.splits (the data
   statistics are cached); writes WORKDIR/fid_T<temperature>_n<num>.json."""
-  return fid_lib.run_fid(config, workdir, checkpoint.load_model)
+  RunSettings.from_config(config)
+  DataSettings.from_config(config)
+  eval_settings = EvalSettings.from_config(config)
+  settings = FidSettings.from_config(config)
+  fid_lib.require_inception_weights(settings)
+  return fid_lib.run_fid(config, settings, workdir, _loader(eval_settings))
+
+
+# What --mode train's evaluation returns: the names train.best_metric may take.
+TRAIN_METRICS = ('test_bpd',)
 
 
 def train(config, workdir):
   """The official recipe with periodic test bits/dim (one-sample bound) and sample grids."""
+  run = RunSettings.from_config(config)
+  DataSettings.from_config(config)
+  train_settings = TrainSettings.from_config(config)
+  eval_settings = EvalSettings.from_config(config)
+  sample_settings = SampleSettings.from_config(config)
+  if train_settings.best_metric not in TRAIN_METRICS:
+    # Any other name would never be found: WORKDIR/best would silently never be written.
+    raise ConfigError(f'train.best_metric must be one of {TRAIN_METRICS} (what --mode train '
+                      f'evaluates), got {train_settings.best_metric!r}')
   model = model_lib.make_model(config.model)
-  key = jax.random.PRNGKey(config.seed + 1)
+  key = jax.random.PRNGKey(run.seed + 1)
   log_prob_fn = evaluate_lib.make_log_prob_fn(model)
   samples_dir = os.path.join(workdir, 'samples')
+  # The periodic evaluation is the one-sample bound (k = 1), with eval's batches.
+  periodic = dataclasses.replace(eval_settings, k=1)
 
   def eval_fn(state, step):
-    variables = train_lib.eval_variables(state, config.eval.use_ema)
-    result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=1,
+    variables = train_lib.eval_variables(state, eval_settings.use_ema)
+    result = evaluate_lib.evaluate_dataset(model, variables, config, key, periodic,
                                            log_prob_fn=log_prob_fn, progress=False)
     return {'test_bpd': result['elbo_bpd']}
 
   def sample_fn(state, step):
-    variables = train_lib.eval_variables(state, config.eval.use_ema)
+    variables = train_lib.eval_variables(state, eval_settings.use_ema)
     images = evaluate_lib.sample_images(model, variables, jax.random.fold_in(key, step),
-                                        config.sample.num, config.sample.temperature,
-                                        config.sample.batch_size)
+                                        sample_settings.num, sample_settings.temperature,
+                                        sample_settings.batch_size)
     os.makedirs(samples_dir, exist_ok=True)
     evaluate_lib.save_sample_grid(os.path.join(samples_dir, f'step_{step:08d}.png'), images,
                                   num_bits=model.spec.num_bits)

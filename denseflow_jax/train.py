@@ -1,9 +1,10 @@
 """Training: train state, learning-rate schedule, the data-parallel train step, the loop.
 
     mesh = sharding.make_mesh()                               # 1-D, axis 'data'
-    init, to_state = make_state_init(spec, config, mesh, steps_per_epoch)
+    settings = TrainSettings.from_config(config)
+    init, to_state = make_state_init(spec, settings, mesh, steps_per_epoch)
     state = to_state(init(init_key, sharding.global_batch(first_local_batch, mesh)))
-    step_fn = make_train_step(spec, config, mesh, steps_per_epoch)  # jitted once, donates state
+    step_fn = make_train_step(spec, settings, mesh, steps_per_epoch)  # jitted once, donates state
     state, metrics = step_fn(state, sharding.global_batch(local_batch, mesh), base_key)
 
 or all of it, with checkpoints, logs and resumption: ``train_and_evaluate(config, workdir)``.
@@ -57,12 +58,11 @@ from denseflow_jax.errors import ConfigError, DataError, NonFiniteError, Trainin
 from denseflow_jax.interrupt import stop_signals
 from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow
 from denseflow_jax.model import DenseFlow
+from denseflow_jax.settings import EvalSettings, StepSettings, TrainSettings
 from denseflow_jax.sharding import (batch_sharding, check_batch_divisible, global_batch,
                                     make_mesh, replicated)
 from denseflow_jax.spec import spec_from_config
 
-PHASES = ('pretrain', 'finetune')
-OPTIMIZERS = ('adamax', 'adam')
 PRETRAINED_DIR = 'pretrained'
 BEST_DIR = 'best'
 
@@ -100,67 +100,6 @@ def eval_variables(state: TrainState, use_ema: bool = True) -> dict:
 # ---------------------------------------------------------------------------
 # Config, optimiser, schedule.
 # ---------------------------------------------------------------------------
-
-
-def _train_get(train_config, name, default):
-  return train_config.get(name, default) if hasattr(train_config, 'get') else default
-
-
-def validate_train_config(config) -> None:
-  """ConfigError for training settings that cannot work (before anything compiles)."""
-  t = config.train
-  phase = _train_get(t, 'phase', 'pretrain')
-  if phase not in PHASES:
-    raise ConfigError(f"train.phase must be one of {PHASES}, got {phase!r}")
-  optimizer = _train_get(t, 'optimizer', 'adamax')
-  if optimizer not in OPTIMIZERS:
-    raise ConfigError(f'train.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}')
-  if int(t.batch_size) <= 0:
-    raise ConfigError(f'train.batch_size must be positive, got {t.batch_size}')
-  for name in ('lr', 'finetune_lr'):
-    if not float(t[name]) >= 0:
-      raise ConfigError(f'train.{name} must be >= 0, got {t[name]}')
-  if int(t.warmup_steps) < 0:
-    raise ConfigError(f'train.warmup_steps must be >= 0, got {t.warmup_steps}')
-  if not 0 < float(t.gamma) <= 1:
-    raise ConfigError(f'train.gamma (lr decay per epoch) must be in (0, 1], got {t.gamma}')
-  if not 0 <= float(t.ema_decay) < 1:
-    raise ConfigError(f'train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}')
-  if float(t.grad_clip) < 0:
-    raise ConfigError(f'train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}')
-  for name in ('log_every', 'checkpoint_every_steps', 'max_nonfinite_in_row'):
-    if int(t[name]) <= 0:
-      raise ConfigError(f'train.{name} must be positive, got {t[name]}')
-  if int(t.num_steps) <= 0:
-    epochs = t.finetune_epochs if phase == 'finetune' else t.epochs
-    if int(epochs) <= 0:
-      raise ConfigError(f"train.{'finetune_epochs' if phase == 'finetune' else 'epochs'} "
-                        f'must be positive (or set train.num_steps > 0), got {epochs}')
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-  """The training settings the compiled step depends on (hashable: compiled steps are
-  cached on it, so repeated runs in one process compile once)."""
-  steps_per_epoch: int
-  phase: str = 'pretrain'
-  optimizer: str = 'adamax'
-  lr: float = 1e-3
-  warmup_steps: int = 0
-  gamma: float = 1.0
-  finetune_lr: float = 2e-5
-  grad_clip: float = 0.0
-  ema_decay: float = 0.0
-
-  @classmethod
-  def from_config(cls, config, steps_per_epoch: int) -> 'StepSettings':
-    t = config.train
-    return cls(steps_per_epoch=int(steps_per_epoch),
-               phase=str(_train_get(t, 'phase', 'pretrain')),
-               optimizer=str(_train_get(t, 'optimizer', 'adamax')),
-               lr=float(t.lr), warmup_steps=int(t.warmup_steps), gamma=float(t.gamma),
-               finetune_lr=float(t.finetune_lr), grad_clip=float(t.grad_clip),
-               ema_decay=float(t.ema_decay))
 
 
 def make_optimizer(settings: StepSettings) -> optax.GradientTransformation:
@@ -266,13 +205,13 @@ def _compiled_train_step(spec, settings: StepSettings, mesh):
                  donate_argnums=(0,))
 
 
-def make_train_step(spec, config, mesh, steps_per_epoch: int):
+def make_train_step(spec, settings: TrainSettings, mesh, steps_per_epoch: int):
   """``jit``-compiled data-parallel train step ``(state, batch, base_key) -> (state, metrics)``.
 
   Args:
     spec: the ModelSpec (``model.spec``).
-    config: the full config (train.* settings; ``train.batch_size`` is checked to divide
-      over the mesh).
+    settings: ``TrainSettings.from_config(config)`` (``batch_size`` is checked to divide
+      over the mesh; the step is compiled for ``settings.step_settings(steps_per_epoch)``).
     mesh: from :func:`make_mesh`.
     steps_per_epoch: for the per-epoch lr decay.
 
@@ -281,8 +220,8 @@ def make_train_step(spec, config, mesh, steps_per_epoch: int):
   argument is donated: do not use it after the call. Cached: the same (spec, settings,
   mesh) returns the same compiled function.
   """
-  check_batch_divisible(config.train.batch_size, mesh)
-  return _compiled_train_step(spec, StepSettings.from_config(config, steps_per_epoch), mesh)
+  check_batch_divisible(settings.batch_size, mesh)
+  return _compiled_train_step(spec, settings.step_settings(steps_per_epoch), mesh)
 
 
 @functools.lru_cache(maxsize=16)
@@ -303,12 +242,12 @@ def _compiled_init(spec, settings: StepSettings, mesh):
           jax.jit(to_state, out_shardings=rep))
 
 
-def make_state_init(spec, config, mesh, steps_per_epoch: int):
+def make_state_init(spec, settings: TrainSettings, mesh, steps_per_epoch: int):
   """Jitted ``(init, to_state)``: ``init(key, global_batch) -> {'params', 'batch_stats'}``
   (data-dependent ActNorm initialisation) and ``to_state(variables) -> TrainState``, both
   replicated over the mesh. Cached like :func:`make_train_step`."""
-  check_batch_divisible(config.train.batch_size, mesh)
-  return _compiled_init(spec, StepSettings.from_config(config, steps_per_epoch), mesh)
+  check_batch_divisible(settings.batch_size, mesh)
+  return _compiled_init(spec, settings.step_settings(steps_per_epoch), mesh)
 
 
 # ---------------------------------------------------------------------------
@@ -346,16 +285,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   The hooks run on every process and must not keep references to the state's arrays: the
   next step donates (reuses) their buffers.
   """
-  t = config.train
   workdir = pathlib.Path(workdir).resolve()
   # ---- everything that can fail on the config, before any compilation ----
   spec = spec_from_config(config.model)
-  validate_train_config(config)
-  phase = _train_get(t, 'phase', 'pretrain')
+  settings = TrainSettings.from_config(config)
+  use_ema = EvalSettings.from_config(config).use_ema    # what WORKDIR/best holds
   mesh = make_mesh()
-  check_batch_divisible(t.batch_size, mesh)
+  check_batch_divisible(settings.batch_size, mesh)
   with contextlib.ExitStack() as cleanup:
-    checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=int(t.keep_checkpoints))
+    checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=settings.keep_checkpoints)
     cleanup.callback(checkpointer.close)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -367,14 +305,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
           ckpt_lib.read_config(config.checkpoint), config,
           f'config.checkpoint {config.checkpoint}',
           "Set the model fields to the checkpoint's values, or use another checkpoint.")
-    elif phase == 'finetune':
+    elif settings.phase == 'finetune':
       raise ConfigError(
           "train.phase='finetune' needs a trained model: a checkpoint in --workdir (the "
           'pretraining run) or --config.checkpoint')
     iterator = data_lib.make_train_iterator(config, jax.process_index(), jax.process_count())
     cleanup.callback(iterator.close)
-    return _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eval_fn,
-                       sample_fn)
+    return _train_loop(config, settings, use_ema, workdir, spec, mesh, checkpointer, latest,
+                       iterator, eval_fn, sample_fn)
 
 
 def _start_message(workdir, checkpoints, phase, latest, start_step, total_steps) -> str:
@@ -429,12 +367,11 @@ class _Plan:
     return step % self.checkpoint_every == 0 or step == self.total
 
 
-def _initial_state(config, workdir, checkpointer, latest, iterator, init_fn, to_state_fn,
+def _initial_state(config, phase, workdir, checkpointer, latest, iterator, init_fn, to_state_fn,
                    abstract_state, abstract_variables, init_key, mesh):
   """(state, meta, first_batch): the latest checkpoint of the workdir, else the variables
   of config.checkpoint, else the data-dependent (ActNorm) initialisation on the first
   batch, which step 0 then trains on (first_batch is None otherwise)."""
-  phase = _train_get(config.train, 'phase', 'pretrain')
   if latest is not None:
     state, data_state, meta = checkpointer.restore(latest, abstract_state)
     if phase == 'pretrain' and meta.get('phase') == 'finetune':
@@ -452,12 +389,12 @@ def _initial_state(config, workdir, checkpointer, latest, iterator, init_fn, to_
   return to_state_fn(init_fn(init_key, global_batch(first_batch, mesh))), {}, first_batch
 
 
-def _plan_phase(config, workdir, state, start_step, latest, meta, steps_per_epoch):
+def _plan_phase(config, t: TrainSettings, workdir, state, start_step, latest, meta,
+                steps_per_epoch):
   """(total_steps, meta) for this phase. A fine-tune that starts from a pretraining
   checkpoint of the workdir first copies the pretrained variables to WORKDIR/pretrained."""
-  t = config.train
-  if _train_get(t, 'phase', 'pretrain') != 'finetune':
-    total = int(t.num_steps) if int(t.num_steps) > 0 else int(t.epochs) * steps_per_epoch
+  if t.phase != 'finetune':
+    total = t.num_steps if t.num_steps > 0 else t.epochs * steps_per_epoch
     return total, dict(meta, phase='pretrain')
   if meta.get('phase') == 'finetune':
     finetune_start = int(meta['finetune_start_step'])
@@ -467,7 +404,7 @@ def _plan_phase(config, workdir, state, start_step, latest, meta, steps_per_epoc
       logging.info('saving the pretrained variables to %s', workdir / PRETRAINED_DIR)
       ckpt_lib.save_variables(workdir / PRETRAINED_DIR, eval_variables(state, use_ema=False),
                               config, {'step': start_step})
-  length = int(t.num_steps) if int(t.num_steps) > 0 else int(t.finetune_epochs) * steps_per_epoch
+  length = t.num_steps if t.num_steps > 0 else t.finetune_epochs * steps_per_epoch
   return finetune_start + length, dict(meta, phase='finetune', finetune_start_step=finetune_start)
 
 
@@ -502,7 +439,8 @@ def _save(checkpointer, step, state, iterator, config, meta) -> None:
   checkpointer.save(step, state, iterator.get_state(), config, meta)
 
 
-def _evaluate(eval_fn, state, step, epoch, config, workdir, meta, log, say) -> dict:
+def _evaluate(eval_fn, state, step, epoch, config, best_metric, use_ema, workdir, meta, log,
+              say) -> dict:
   """Runs eval_fn, logs and prints its results, and saves WORKDIR/best when the best metric
   improves (into ``meta``, which the next checkpoint stores)."""
   results = {k: float(v) for k, v in (eval_fn(state, step) or {}).items()}
@@ -510,27 +448,22 @@ def _evaluate(eval_fn, state, step, epoch, config, workdir, meta, log, say) -> d
     return results
   log.write({'step': step, 'epoch': epoch, **results}, 'eval')
   say(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
-  best_metric = _train_get(config.train, 'best_metric', 'test_bpd')
   value = results.get(best_metric)
   if value is not None and math.isfinite(value) and value < meta.get('best', math.inf):
     meta['best'], meta['best_step'] = value, step
-    use_ema = bool(config.eval.get('use_ema', True)) if 'eval' in config else True
     ckpt_lib.save_variables(workdir / BEST_DIR, eval_variables(state, use_ema), config,
                             {'step': step, best_metric: value})
   return results
 
 
-def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eval_fn,
-                sample_fn) -> TrainState:
+def _train_loop(config, t: TrainSettings, use_ema: bool, workdir, spec, mesh, checkpointer,
+                latest, iterator, eval_fn, sample_fn) -> TrainState:
   """The body of train_and_evaluate once the checkpointer and the data iterator exist."""
-  t = config.train
-  phase = _train_get(t, 'phase', 'pretrain')
   is_main = jax.process_index() == 0
   steps_per_epoch = iterator.steps_per_epoch
-  settings = StepSettings.from_config(config, steps_per_epoch)
-  init_fn, to_state_fn = _compiled_init(spec, settings, mesh)
+  init_fn, to_state_fn = _compiled_init(spec, t.step_settings(steps_per_epoch), mesh)
   init_key, train_key = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-  batch_struct = jax.ShapeDtypeStruct((int(t.batch_size), *spec.image_shape), jnp.uint8)
+  batch_struct = jax.ShapeDtypeStruct((t.batch_size, *spec.image_shape), jnp.uint8)
   abstract_variables = jax.eval_shape(init_fn, init_key, batch_struct)
   abstract_state = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
@@ -538,34 +471,33 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
 
   # ---- restore or initialise; plan the steps ----
   state, meta, first_batch = _initial_state(
-      config, workdir, checkpointer, latest, iterator, init_fn, to_state_fn, abstract_state,
-      abstract_variables, init_key, mesh)
+      config, t.phase, workdir, checkpointer, latest, iterator, init_fn, to_state_fn,
+      abstract_state, abstract_variables, init_key, mesh)
   start_step = int(jax.device_get(state.step))
-  total, meta = _plan_phase(config, workdir, state, start_step, latest, meta, steps_per_epoch)
-  plan = _Plan(total, steps_per_epoch, int(t.log_every), int(t.checkpoint_every_steps),
-               int(_train_get(t, 'eval_every_epochs', 1)),
-               int(_train_get(t, 'sample_every_epochs', 1)))
+  total, meta = _plan_phase(config, t, workdir, state, start_step, latest, meta, steps_per_epoch)
+  plan = _Plan(total, steps_per_epoch, t.log_every, t.checkpoint_every_steps,
+               t.eval_every_epochs, t.sample_every_epochs)
   say = tqdm.write if is_main else lambda message: None
-  say(_start_message(workdir, checkpointer.directory, phase, latest, start_step, total))
+  say(_start_message(workdir, checkpointer.directory, t.phase, latest, start_step, total))
   if start_step >= total:
     return state
 
   # ---- train: after each step, is it time to log / evaluate / sample / save? ----
-  train_step = make_train_step(spec, config, mesh, steps_per_epoch)
-  window = MetricsWindow(int(t.log_every), int(t.batch_size), steps_per_epoch, replicated(mesh))
-  local_shape = (int(t.batch_size) // jax.process_count(), *spec.image_shape)
+  train_step = make_train_step(spec, t, mesh, steps_per_epoch)
+  window = MetricsWindow(t.log_every, t.batch_size, steps_per_epoch, replicated(mesh))
+  local_shape = (t.batch_size // jax.process_count(), *spec.image_shape)
   started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, latest
   previous = None
   with (MetricsLog(workdir, start_step, is_main) as log, stop_signals() as stop,
         tqdm(total=total, initial=start_step, disable=not is_main, unit='step',
-             dynamic_ncols=True, desc=f'{phase} (compiling)') as progress):
+             dynamic_ncols=True, desc=f'{t.phase} (compiling)') as progress):
     for batch in _batches(first_batch, iterator, local_shape):
       state, metrics = train_step(state, global_batch(batch, mesh), train_key)
       window.add(metrics)
       step += 1
       if previous is None:                  # the first call compiled: time from here on
         window.restart_clock()
-        progress.set_description(phase)
+        progress.set_description(t.phase)
       jax.block_until_ready(previous)       # the host runs one step ahead, no further
       previous = metrics
       progress.update(1)
@@ -576,10 +508,10 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
         progress.set_postfix(bpd=_fmt(record['train_bpd'], 4),
                              img_s=_fmt(record['img_per_s'], 1), refresh=False)
       if plan.log(step) or hooks:
-        _check_nonfinite(window, step, int(t.max_nonfinite_in_row), checkpointer.directory)
+        _check_nonfinite(window, step, t.max_nonfinite_in_row, checkpointer.directory)
       if eval_fn is not None and plan.evaluate(step):
-        last_eval = _evaluate(eval_fn, state, step, step / steps_per_epoch, config, workdir,
-                              meta, log, say) or last_eval
+        last_eval = _evaluate(eval_fn, state, step, step / steps_per_epoch, config,
+                              t.best_metric, use_ema, workdir, meta, log, say) or last_eval
       if sample_fn is not None and plan.sample(step):
         sample_fn(state, step)
       if plan.save(step):
@@ -596,8 +528,7 @@ def _train_loop(config, workdir, spec, mesh, checkpointer, latest, iterator, eva
         break
   checkpointer.wait()
   say(_finish_message(workdir, checkpointer.directory, step, time.perf_counter() - started,
-                      _train_get(t, 'best_metric', 'test_bpd'),
-                      last_eval.get(_train_get(t, 'best_metric', 'test_bpd')), meta))
+                      t.best_metric, last_eval.get(t.best_metric), meta))
   return state
 
 

@@ -8,6 +8,9 @@ Tested elsewhere (not repeated here):
   global batch not dividing over the devices, bad train settings
                                       tests/test_train.py::test_batch_not_divisible_over_devices,
                                       ::test_bad_train_config_fails_before_anything_runs
+  one bad value of every field of every config section (train, eval, sample, latent, fid,
+    data, seed, checkpoint), missing / unknown fields, refused by every mode before it loads
+                                      tests/test_settings.py
   a config that does not match the checkpoint in the workdir (refused, workdir untouched)
                                       tests/test_checkpoint.py::test_workdir_with_other_model_is_refused
   half-written / temporary checkpoint directories are never restored

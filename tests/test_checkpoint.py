@@ -1,4 +1,5 @@
 """Tests of denseflow_jax.checkpoint (no model compilation: arrays made by hand)."""
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +12,7 @@ from configs import default
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import train
+from denseflow_jax.settings import TrainSettings
 
 
 def tiny_config():
@@ -46,7 +48,8 @@ def assert_trees_equal(a, b):
 
 def fake_state(variables, ema=True, step=3):
   """A TrainState with a real optax Adamax state (namedtuples) and counters."""
-  tx = train.make_optimizer(train.StepSettings(steps_per_epoch=5, grad_clip=1.0))
+  settings = TrainSettings.from_config(default.get_config()).step_settings(5)
+  tx = train.make_optimizer(dataclasses.replace(settings, grad_clip=1.0))
   state = train.create_train_state(variables, tx, ema=ema, step=step)
   return state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state),
                        skipped_total=jnp.asarray(2, jnp.int32))

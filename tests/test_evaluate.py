@@ -1,4 +1,5 @@
 """Tests of denseflow_jax.evaluate: bounds, dataset evaluation, files, samples (CPU)."""
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from scipy.special import logsumexp
 
 from denseflow_jax import data, evaluate, files
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, init_variables, make_model
+from denseflow_jax.settings import EvalSettings
 from denseflow_jax.spec import ModelSpec
 
 SPEC = ModelSpec(image_shape=(8, 8, 1), num_bits=5, block_config=(2,), layers_config=(1,),
@@ -28,7 +30,8 @@ def make_config(batch_size=64, k=1, k_chunk=50):
   config.data = ml_collections.ConfigDict(
       {'dataset': 'digits', 'source': '', 'tfds_data_dir': '', 'worker_count': 0, 'prefetch': 2})
   config.eval = ml_collections.ConfigDict(
-      {'batch_size': batch_size, 'k': k, 'k_chunk': k_chunk, 'num_examples': -1})
+      {'batch_size': batch_size, 'k': k, 'k_chunk': k_chunk, 'use_ema': True,
+       'num_examples': -1})
   return config
 
 
@@ -85,8 +88,9 @@ def test_evaluate_dataset_excludes_padded_rows():
   images = digits_images(297)
   expected = bits_per_dim(-images.reshape(297, -1).sum(-1).mean(), SPEC)
   for k in (1, 3):
-    result = evaluate.evaluate_dataset(make_model(SPEC), None, config, jax.random.key(0), k=k,
-                                       log_prob_fn=log_prob_fn, progress=False)
+    settings = dataclasses.replace(EvalSettings.from_config(config), k=k)
+    result = evaluate.evaluate_dataset(make_model(SPEC), None, config, jax.random.key(0),
+                                       settings, log_prob_fn=log_prob_fn, progress=False)
     assert result['num_examples'] == 297 and result['num_batches'] == 5
     assert result['num_nonfinite'] == 0
     np.testing.assert_allclose(result['elbo_bpd'], expected, rtol=1e-6)
@@ -145,7 +149,8 @@ def test_iwbo_does_not_depend_on_k_chunk(tiny):
 def test_evaluate_dataset_with_the_model(tiny):
   model, variables, _, _ = tiny
   config = make_config(batch_size=BATCH, k=2, k_chunk=2)
-  result = evaluate.evaluate_dataset(model, variables, config, jax.random.key(5), num_examples=20,
+  settings = dataclasses.replace(EvalSettings.from_config(config), num_examples=20)
+  result = evaluate.evaluate_dataset(model, variables, config, jax.random.key(5), settings,
                                      progress=False)
   assert (result['num_examples'], result['num_batches'], result['k']) == (20, 3, 2)
   assert result['num_nonfinite'] == 0

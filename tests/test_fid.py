@@ -20,6 +20,7 @@ from denseflow_jax import errors
 from denseflow_jax import data, evaluate, fid, inception, modes
 from denseflow_jax.model import init_variables, make_model
 from denseflow_jax.errors import ConfigError
+from denseflow_jax.settings import FidSettings
 
 
 def random_spd(rng, d):
@@ -331,7 +332,9 @@ def test_run_fid_end_to_end_on_a_tiny_model(tmp_path, capsys):
   workdir = tmp_path / 'run'
 
   load_model = lambda config, workdir: (model, variables, 'ckpt')   # noqa: E731
-  result = fid.run_fid(config, workdir, load_model, feature_fn=row_features, progress=False)
+  settings = FidSettings.from_config(config)
+  result = fid.run_fid(config, settings, workdir, load_model, feature_fn=row_features,
+                       progress=False)
   written = json.loads((workdir / 'fid_T0.8_n21.json').read_text())
   assert written['fid'] == pytest.approx(result['fid'])
   assert written['num_samples'] == 21 and written['temperature'] == 0.8
@@ -350,7 +353,8 @@ def test_run_fid_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert not result['reference'][split]['cache_hit']
 
   capsys.readouterr()
-  again = fid.run_fid(config, workdir, load_model, feature_fn=row_features, progress=False)
+  again = fid.run_fid(config, settings, workdir, load_model, feature_fn=row_features,
+                      progress=False)
   out = capsys.readouterr().out
   assert out.count('cache hit') == 2
   assert all(again['reference'][s]['cache_hit'] for s in ('train', 'test'))

@@ -189,12 +189,14 @@ def test_nonfinite_steps_are_logged_and_never_checkpointed(tmp_path):
   from sklearn.datasets import load_digits   # pylint: disable=g-import-not-at-top
   from test_train import make_config          # the same tiny model: compiled once per session
   from denseflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from denseflow_jax.settings import TrainSettings  # pylint: disable=g-import-not-at-top
   images = load_digits().images.astype(np.uint8)[:, :, :, None]
   np.savez(tmp_path / 'digits.npz', train=images[:48], test=images[48:64])
   config = make_config(str(tmp_path / 'digits.npz'))
   spec = train.spec_from_config(config.model)
   mesh = sharding.make_mesh()
-  init, _ = train.make_state_init(spec, config, mesh, data_lib.steps_per_epoch(config))
+  init, _ = train.make_state_init(spec, TrainSettings.from_config(config), mesh,
+                                  data_lib.steps_per_epoch(config))
   batch = next(data_lib.make_train_iterator(config))
   variables = jax.tree.map(np.array, jax.device_get(
       init(jax.random.PRNGKey(0), sharding.global_batch(batch, mesh))))

@@ -4,6 +4,7 @@ Every test shares one tiny model, one data set (48 digits, 3 steps per epoch) an
 of training settings, so the train step compiles once for the 8-device mesh (cached in
 train.make_train_step) and once for the 1-device comparison.
 """
+import dataclasses
 import json
 import math
 
@@ -20,6 +21,7 @@ from denseflow_jax import data as data_lib
 from denseflow_jax import sharding
 from denseflow_jax import metrics_log
 from denseflow_jax import train
+from denseflow_jax.settings import StepSettings, TrainSettings
 from denseflow_jax.model import DenseFlow, draw_noise
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.spec import spec_from_config
@@ -82,12 +84,14 @@ def compiled(digits_npz):
   assert mesh8.size == 8
   iterator = data_lib.make_train_iterator(c)
   batches = [next(iterator) for _ in range(2)]
-  init, to_state = train.make_state_init(spec, c, mesh8, spe)
+  settings = TrainSettings.from_config(c)
+  init, to_state = train.make_state_init(spec, settings, mesh8, spe)
   variables = jax.device_get(init(jax.random.PRNGKey(0), sharding.global_batch(batches[0], mesh8)))
   return {'config': c, 'spec': spec, 'spe': spe, 'mesh8': mesh8, 'mesh1': mesh1,
           'batches': batches, 'variables': variables, 'to_state': to_state,
-          'step8': train.make_train_step(spec, c, mesh8, spe),
-          'step1': train.make_train_step(spec, c, mesh1, spe)}
+          'settings': settings,
+          'step8': train.make_train_step(spec, settings, mesh8, spe),
+          'step1': train.make_train_step(spec, settings, mesh1, spe)}
 
 
 def state_on(compiled, mesh, variables=None, **replace):
@@ -95,7 +99,7 @@ def state_on(compiled, mesh, variables=None, **replace):
   rep = sharding.replicated(mesh)
   to_state = compiled['to_state'] if mesh is compiled['mesh8'] else jax.jit(
       lambda v: train.create_train_state(v, train.make_optimizer(
-          train.StepSettings.from_config(compiled['config'], compiled['spe'])), ema=True),
+          compiled['settings'].step_settings(compiled['spe'])), ema=True),
       out_shardings=rep)
   state = to_state(jax.device_put(variables, rep))
   return state.replace(**{k: jax.device_put(jnp.asarray(v, jnp.int32), rep)
@@ -113,22 +117,28 @@ def leaves_equal(a, b):
 # ---------------------------------------------------------------------------
 
 
+def step_settings(steps_per_epoch, **changes):
+  """StepSettings of configs/default.py with `changes`."""
+  settings = TrainSettings.from_config(default.get_config()).step_settings(steps_per_epoch)
+  return dataclasses.replace(settings, **changes)
+
+
 def test_lr_schedule_matches_closed_form():
-  settings = train.StepSettings(steps_per_epoch=10, lr=1e-3, warmup_steps=5, gamma=0.9)
+  settings = step_settings(10, lr=1e-3, warmup_steps=5, gamma=0.9)
   schedule = train.make_lr_schedule(settings)
   for step in (0, 1, 3, 5, 9, 10, 19, 20, 37, 1000):
     want = 1e-3 * min(1.0, step / 5) * 0.9 ** (step // 10)
     assert math.isclose(float(schedule(step)), want, rel_tol=1e-6, abs_tol=1e-12), step
-  no_warmup = train.make_lr_schedule(train.StepSettings(steps_per_epoch=4, lr=2e-3, gamma=0.5))
+  no_warmup = train.make_lr_schedule(step_settings(4, lr=2e-3, warmup_steps=0, gamma=0.5))
   assert [float(no_warmup(s)) for s in (0, 3, 4, 8)] == pytest.approx([2e-3, 2e-3, 1e-3, 5e-4])
-  finetune = train.make_lr_schedule(train.StepSettings(steps_per_epoch=10, phase='finetune',
-                                                       finetune_lr=2e-5, warmup_steps=5))
+  finetune = train.make_lr_schedule(step_settings(10, phase='finetune', finetune_lr=2e-5,
+                                                  warmup_steps=5))
   assert [float(finetune(s)) for s in (0, 7, 5000)] == pytest.approx([2e-5] * 3)
 
 
 def test_settings_from_default_config():
-  settings = train.StepSettings.from_config(default.get_config(), 781)
-  assert settings == train.StepSettings(
+  settings = TrainSettings.from_config(default.get_config()).step_settings(781)
+  assert settings == StepSettings(
       steps_per_epoch=781, phase='pretrain', optimizer='adamax', lr=1e-3, warmup_steps=5000,
       gamma=0.9975, finetune_lr=2e-5, grad_clip=0.0, ema_decay=0.0)
   hash(settings)
@@ -137,7 +147,8 @@ def test_settings_from_default_config():
 def test_batch_not_divisible_over_devices(config, tmp_path):
   config.train.batch_size = 12
   with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
-    train.make_train_step(spec_from_config(config.model), config, sharding.make_mesh(), 3)
+    train.make_train_step(spec_from_config(config.model), TrainSettings.from_config(config),
+                          sharding.make_mesh(), 3)
   with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'run').exists()
@@ -357,6 +368,6 @@ def test_digits_config_is_valid():
   from configs import digits
   c = digits.get_config()
   spec_from_config(c.model)
-  train.validate_train_config(c)
+  TrainSettings.from_config(c)
   sharding.check_batch_divisible(c.train.batch_size, sharding.make_mesh())
   assert data_lib.steps_per_epoch(c) == 23
