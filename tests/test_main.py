@@ -6,10 +6,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from denseflow_jax import modes
+from denseflow_jax import checkpoint, evaluate, modes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,12 @@ def run_all_modes(config, workdir, capsys=None):
   images = modes.run('sample', config, str(workdir))
   assert images.shape == (4, *config.model.image_shape)
   assert list((workdir / 'samples').glob('samples_T1_n4.png'))
+  # One way to sample: the library call with the same seed gives the same images, whatever
+  # its batch size (image n uses fold_in(key, n)).
+  model, variables, _ = checkpoint.load_model(config, str(workdir), config.eval.use_ema)
+  library = evaluate.sample_images(model, variables, jax.random.PRNGKey(config.seed), 4,
+                                   config.sample.temperature, batch_size=3)
+  np.testing.assert_array_equal(images, library)
   return ckpts
 
 
