@@ -145,8 +145,7 @@ def evaluate_dataset(model: DenseFlow, variables, config, key, k: Optional[int] 
   k = int(config.eval.k if k is None else k)
   k_chunk = int(config.eval.get('k_chunk', DEFAULT_K_CHUNK) if k_chunk is None else k_chunk)
   log_prob_fn = make_log_prob_fn(model) if log_prob_fn is None else log_prob_fn
-  source = data.load_split(config.data, split, image_shape=config.model.image_shape,
-                           num_bits=config.model.get('num_bits', None))
+  source = data.load_split(config, split)
   num_batches = data.eval_num_batches(config, split, batch_size, num_examples, source=source)
   batches = data.iterate_eval(config, split, batch_size, num_examples, source=source)
 

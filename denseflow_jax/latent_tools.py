@@ -73,8 +73,7 @@ def _int(name, value, minimum):
 
 
 def _test_split(config):
-  return data.load_split(config.data, 'test', image_shape=config.model.image_shape,
-                         num_bits=config.model.get('num_bits', None))
+  return data.load_split(config, 'test')
 
 
 def _check_indices(indices, size, what, fix):

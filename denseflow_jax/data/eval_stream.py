@@ -10,7 +10,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from denseflow_jax.data.sources import _load_config_split
+from denseflow_jax.data.sources import load_split
 from denseflow_jax.data.train_stream import local_batch_size, read_options
 from denseflow_jax.errors import DataError
 
@@ -21,7 +21,7 @@ def _eval_sizes(config, split, batch_size, num_examples, source):
   if num_examples is None:
     num_examples = config.eval.get('num_examples', -1)
   if source is None:
-    source = _load_config_split(config, split)
+    source = load_split(config, split)
   total = len(source)
   if num_examples is None or num_examples < 0:
     num_examples = total

@@ -345,20 +345,27 @@ def _load_tfds(name, split, data_dir, image_shape) -> TfdsSource:
   return source
 
 
-def load_split(data_config, split: str,
+def load_split(config, split: str,
                image_shape: Sequence[int] | None = None,
                num_bits: int | None = None):
   """Returns a random-access source of uint8 ``[H, W, C]`` images.
 
+  The one way to load a split (training, evaluation, FID and the latent tools):
+  ``load_split(config, 'test')`` with the full config checks the images against
+  ``config.model``; ``load_split(config.data, 'test')`` reads the same data and
+  checks only what ``image_shape`` and ``num_bits`` ask for.
+
   Args:
-    data_config: ``config.data`` (fields ``dataset``, ``source``,
-      ``tfds_data_dir``).
+    config: the full config (a ``data`` field) or just ``config.data``
+      (fields ``dataset``, ``source``, ``tfds_data_dir``).
     split: 'train' or 'test' (TFDS data sets also take TFDS split strings).
-    image_shape: expected (H, W, C), normally ``config.model.image_shape``;
-      a mismatch raises DataError. Also picks grey or RGB decoding for
-      'folder' and the output size for 'celeb_a'. None skips the checks.
-    num_bits: ``config.model.num_bits``; for in-memory data sets ('digits',
-      'npz') values must be below ``2**num_bits``. None skips the check.
+    image_shape: expected (H, W, C); None takes ``config.model.image_shape``
+      from a full config and skips the checks given ``config.data``. A
+      mismatch raises DataError. Also picks grey or RGB decoding for 'folder'
+      and the output size for 'celeb_a'.
+    num_bits: values of in-memory data sets ('digits', 'npz') must be below
+      ``2**num_bits``; None takes ``config.model.num_bits`` from a full config
+      and skips the check given ``config.data``.
 
   Returns:
     An object with ``len()`` and ``[i]`` returning uint8 ``[H, W, C]``.
@@ -366,6 +373,12 @@ def load_split(data_config, split: str,
   Raises:
     DataError: bad configuration or data; the message names the fix.
   """
+  if 'data' in config:      # the full config: its model says what the images must be
+    data_config = config.data
+    image_shape = config.model.image_shape if image_shape is None else image_shape
+    num_bits = config.model.get('num_bits', None) if num_bits is None else num_bits
+  else:
+    data_config = config
   dataset = data_config.get('dataset', '')
   source = data_config.get('source', '')
   if not dataset:
@@ -391,7 +404,3 @@ def load_split(data_config, split: str,
   return _load_tfds(dataset, split, data_config.get('tfds_data_dir', ''),
                     image_shape)
 
-
-def _load_config_split(config, split: str):
-  return load_split(config.data, split, image_shape=config.model.image_shape,
-                    num_bits=config.model.get('num_bits', None))

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from denseflow_jax.data.augment import AUGMENTATIONS, augment
-from denseflow_jax.data.sources import _load_config_split
+from denseflow_jax.data.sources import load_split
 from denseflow_jax.errors import DataError
 
 # Stored in checkpoints with the iterator state: keep this value so old checkpoints resume.
@@ -54,7 +54,7 @@ def steps_per_epoch(config, process_count: int = 1, source=None) -> int:
   global_batch = config.train.batch_size
   local_batch_size(global_batch, process_count)
   if source is None:
-    source = _load_config_split(config, 'train')
+    source = load_split(config, 'train')
   steps = len(source) // global_batch
   if steps == 0:
     raise DataError(
@@ -247,7 +247,7 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
     raise DataError(f'process_index {process_index} is not in '
                     f'[0, {process_count})')
   if source is None:
-    source = _load_config_split(config, 'train')
+    source = load_split(config, 'train')
   steps = steps_per_epoch(config, process_count, source=source)
   shuffle_seed, augment_seed = _derived_seeds(config.seed)
   example = _TrainExample(source, len(source), steps, global_batch,
