@@ -132,11 +132,13 @@ def evaluate_dataset(model: DenseFlow, variables, config, key, k: Optional[int] 
                      split: str = 'test', *, k_chunk: Optional[int] = None,
                      batch_size: Optional[int] = None, num_examples: Optional[int] = None,
                      log_prob_fn: Optional[LogProbFn] = None,
-                     progress: bool = True) -> Dict[str, Any]:
+                     progress: bool = True, source=None) -> Dict[str, Any]:
   """Bounds over a data split in bits/dim; padded rows of the eval batches are left out.
 
   `k`, `k_chunk`, `batch_size`, `num_examples` default to config.eval; each pass
   evaluates `batch_size * min(k_chunk, k)` images. Batch i uses fold_in(key, i).
+  `source` is the split if already loaded (`data.load_split(config, split)`), e.g. by
+  training's periodic evaluation, which loads the test split once; None loads it here.
   Returns elbo_bpd (mean of the k one-sample bounds), iwbo_bpd (when k > 1), k,
   k_chunk, split, num_examples, num_batches, num_nonfinite (examples whose bound
   is not finite), seconds (wall time, including the first batch's compilation),
@@ -145,7 +147,8 @@ def evaluate_dataset(model: DenseFlow, variables, config, key, k: Optional[int] 
   k = int(config.eval.k if k is None else k)
   k_chunk = int(config.eval.get('k_chunk', DEFAULT_K_CHUNK) if k_chunk is None else k_chunk)
   log_prob_fn = make_log_prob_fn(model) if log_prob_fn is None else log_prob_fn
-  source = data.load_split(config, split)
+  if source is None:
+    source = data.load_split(config, split)
   num_batches = data.eval_num_batches(config, split, batch_size, num_examples, source=source)
   batches = data.iterate_eval(config, split, batch_size, num_examples, source=source)
 

@@ -1,4 +1,5 @@
 """What each `--mode` of `denseflow_jax.main` does."""
+import functools
 import json
 import os
 import time
@@ -44,8 +45,10 @@ def evaluate(config, workdir):
   from denseflow_jax import data, evaluate as evaluate_lib
   model, variables, source = _model_and_variables(config, workdir)
   key = jax.random.PRNGKey(config.seed)
-  result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=config.eval.k)
-  images, mask = next(iter(data.iterate_eval(config, 'test')))   # first (padded) batch
+  test = data.load_split(config, 'test')
+  result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=config.eval.k,
+                                         source=test)
+  images, mask = next(iter(data.iterate_eval(config, 'test', source=test)))  # first (padded) batch
   result['reconstruction_error'] = evaluate_lib.reconstruction_error(
       model, variables, images[mask], jax.random.fold_in(key, 10**6))
   result['checkpoint'] = os.fspath(source)
@@ -109,16 +112,22 @@ def fid(config, workdir):
 def train(config, workdir):
   """The official recipe with periodic test bits/dim (one-sample bound) and sample grids."""
   import jax
-  from denseflow_jax import evaluate as evaluate_lib, model as model_lib, train as train_lib
+  from denseflow_jax import data, evaluate as evaluate_lib, model as model_lib, train as train_lib
   model = model_lib.make_model(config.model)
   key = jax.random.PRNGKey(config.seed + 1)
   log_prob_fn = evaluate_lib.make_log_prob_fn(model)
   samples_dir = os.path.join(workdir, 'samples')
 
+  @functools.cache
+  def test_split():
+    """Loaded at the first evaluation (after the training data's checks), then reused."""
+    return data.load_split(config, 'test')
+
   def eval_fn(state, step):
     variables = train_lib.eval_variables(state, config.eval.use_ema)
     result = evaluate_lib.evaluate_dataset(model, variables, config, key, k=1,
-                                           log_prob_fn=log_prob_fn, progress=False)
+                                           log_prob_fn=log_prob_fn, progress=False,
+                                           source=test_split())
     return {'test_bpd': result['elbo_bpd']}
 
   def sample_fn(state, step):
