@@ -130,13 +130,15 @@ def iwbo(log_prob_fn: LogProbFn, variables, x, key, k: int, k_chunk: int):
 
 def evaluate_dataset(model: DenseFlow, variables, config, key, settings: EvalSettings,
                      split: str = 'test', *, log_prob_fn: Optional[LogProbFn] = None,
-                     progress: bool = True) -> Dict[str, Any]:
+                     progress: bool = True, source=None) -> Dict[str, Any]:
   """Bounds over a data split in bits/dim; padded rows of the eval batches are left out.
 
   `settings` (``EvalSettings.from_config(config)``, or ``dataclasses.replace`` of it, e.g.
   ``k=1``) gives k, k_chunk, batch_size and num_examples; `config` the data and the image
   shape. Each pass evaluates `batch_size * min(k_chunk, k)` images. Batch i uses
-  fold_in(key, i). Returns elbo_bpd (mean of the k one-sample bounds), iwbo_bpd (when k > 1), k,
+  fold_in(key, i). `source` is the split if already loaded (`data.load_split(config,
+  split)`), e.g. by training's periodic evaluation, which loads the test split once; None
+  loads it here. Returns elbo_bpd (mean of the k one-sample bounds), iwbo_bpd (when k > 1), k,
   k_chunk, split, num_examples, num_batches, num_nonfinite (examples whose bound
   is not finite), seconds (wall time, including the first batch's compilation),
   seconds_first_batch and images_per_second.
@@ -144,8 +146,8 @@ def evaluate_dataset(model: DenseFlow, variables, config, key, settings: EvalSet
   k, k_chunk = settings.k, settings.k_chunk
   batch_size, num_examples = settings.batch_size, settings.num_examples
   log_prob_fn = make_log_prob_fn(model) if log_prob_fn is None else log_prob_fn
-  source = data.load_split(config.data, split, image_shape=config.model.image_shape,
-                           num_bits=config.model.num_bits)
+  if source is None:
+    source = data.load_split(config, split)
   num_batches = data.eval_num_batches(config, split, batch_size, num_examples, source=source)
   batches = data.iterate_eval(config, split, batch_size, num_examples, source=source)
 

@@ -184,8 +184,7 @@ def dataset_stats(config, split: str, feature_fn: FeatureFn, feature_id: str, st
       return mu, sigma, count, path, True
     except Exception as e:   # writes are atomic, so only a foreign file lands here
       print(f'FID statistics of {split!r}: cannot read {path} ({e}); computing them again')
-  source = data.load_split(config.data, split, image_shape=config.model.image_shape,
-                           num_bits=num_bits)
+  source = data.load_split(config, split)
   batches = data.iterate_eval(config, split, batch_size, -1, source=source)
   with tqdm.tqdm(total=len(source), desc=f'FID stats {split}', unit='img',
                  disable=not progress) as bar:

@@ -58,8 +58,7 @@ LoadModel = Callable   # (config, workdir) -> (model, variables, checkpoint sour
 
 
 def _test_split(config):
-  return data.load_split(config.data, 'test', image_shape=config.model.image_shape,
-                         num_bits=config.model.num_bits)
+  return data.load_split(config, 'test')
 
 
 def _check_indices(indices, size, what, fix):

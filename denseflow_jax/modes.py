@@ -6,6 +6,7 @@ The modes that run a trained model get it from `checkpoint.load_model`; `run` ap
 `ablation.finalize_config` and checks the model and --workdir before any mode starts.
 """
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -48,9 +49,10 @@ def evaluate(config, workdir):
   settings = EvalSettings.from_config(config)
   model, variables, source = checkpoint.load_model(config, workdir, settings.use_ema)
   key = jax.random.PRNGKey(run.seed)
-  result = evaluate_lib.evaluate_dataset(model, variables, config, key, settings)
+  test = data.load_split(config, 'test')
+  result = evaluate_lib.evaluate_dataset(model, variables, config, key, settings, source=test)
   images, mask = next(iter(data.iterate_eval(config, 'test', settings.batch_size,
-                                             settings.num_examples)))   # first (padded) batch
+                                             settings.num_examples, source=test)))  # first batch
   result['reconstruction_error'] = evaluate_lib.reconstruction_error(
       model, variables, images[mask], jax.random.fold_in(key, 10**6))
   result['checkpoint'] = os.fspath(source)
@@ -143,10 +145,16 @@ def train(config, workdir):
   # The periodic evaluation is the one-sample bound (k = 1), with eval's batches.
   periodic = dataclasses.replace(eval_settings, k=1)
 
+  @functools.cache
+  def test_split():
+    """Loaded at the first evaluation (after the training data's checks), then reused."""
+    return data.load_split(config, 'test')
+
   def eval_fn(state, step):
     variables = train_lib.eval_variables(state, eval_settings.use_ema)
     result = evaluate_lib.evaluate_dataset(model, variables, config, key, periodic,
-                                           log_prob_fn=log_prob_fn, progress=False)
+                                           log_prob_fn=log_prob_fn, progress=False,
+                                           source=test_split())
     return {'test_bpd': result['elbo_bpd']}
 
   def sample_fn(state, step):

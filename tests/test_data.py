@@ -103,6 +103,25 @@ def test_npz_happy_path(id_npz):
   assert int(train[7][0, 0, 0]) == 7 and int(test[2][0, 0, 0]) == 102
 
 
+
+def test_load_split_takes_the_full_config_or_its_data_section(id_npz):
+  """The full config checks the images against config.model; config.data checks only what
+  the call passes; passed values win over the model's."""
+  config = make_config('npz', id_npz, image_shape=(4, 4, 1), num_bits=8)
+  full = data.load_split(config, 'test')
+  part = data.load_split(config.data, 'test', (4, 4, 1), 8)
+  assert len(full) == len(part) == 13
+  np.testing.assert_array_equal(full[3], part[3])
+  config.model.image_shape = (4, 4, 3)
+  with pytest.raises(errors.DataError, match=r'1 channel\(s\) instead of 3'):
+    data.load_split(config, 'test')
+  assert len(data.load_split(config.data, 'test')) == 13
+  assert len(data.load_split(config, 'test', image_shape=(4, 4, 1))) == 13
+  config.model.image_shape, config.model.num_bits = (4, 4, 1), 6   # 'test' holds 100..112
+  with pytest.raises(errors.DataError, match='--config.model.num_bits=7'):
+    data.load_split(config, 'test')
+  assert len(data.load_split(config, 'test', num_bits=8)) == 13
+
 def _save(path, **arrays):
   np.savez(path, **arrays)
   return str(path)

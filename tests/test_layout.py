@@ -84,15 +84,7 @@ def test_the_package_has_no_import_cycle():
   assert find_cycles(import_graph(PACKAGE)) == []
 
 
-# The data package split (another branch) moves data.py's `from absl import flags` to the
-# top; until then that file fails this check.
-_DATA = pytest.mark.xfail(strict=False, reason='data.py still imports absl inside '
-                          'make_train_iterator; fixed by the data package split')
-
-
-@pytest.mark.parametrize('name', [
-    pytest.param(name, marks=_DATA) if name.split('.')[:2] == ['denseflow_jax', 'data']
-    else name for name in modules(PACKAGE)])
+@pytest.mark.parametrize('name', sorted(modules(PACKAGE)))
 def test_imports_are_at_the_top_except_optional_dependencies(name):
   assert misplaced_imports(modules(PACKAGE)[name]) == []
 

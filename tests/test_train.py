@@ -18,9 +18,11 @@ from configs import default
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
-from denseflow_jax import sharding
 from denseflow_jax import metrics_log
+from denseflow_jax import modes
+from denseflow_jax import sharding
 from denseflow_jax import train
+from denseflow_jax.data import sources as data_sources
 from denseflow_jax.settings import StepSettings, TrainSettings
 from denseflow_jax.model import DenseFlow, draw_noise
 from denseflow_jax.errors import ConfigError
@@ -326,6 +328,25 @@ def test_hooks_and_best_checkpoint(config, tmp_path, compiled):
   best = ckpt_lib.load_variables(tmp_path / 'run' / train.BEST_DIR, config)
   assert leaves_equal(best['params'], final_state(tmp_path / 'run')['ema_params'])
 
+
+
+def test_periodic_evaluation_loads_the_test_split_once(config, tmp_path, compiled, monkeypatch):
+  """modes.train evaluates at steps 3 and 4 with the test split loaded once, not per eval."""
+  del compiled
+  loads = []
+  load_npz = data_sources._load_npz
+
+  def counting_load_npz(source, split, *args):
+    loads.append(split)
+    return load_npz(source, split, *args)
+
+  monkeypatch.setattr(data_sources, '_load_npz', counting_load_npz)
+  config.train.sample_every_epochs = 100     # no sampling: only the evaluations matter here
+  config.eval.batch_size = BATCH
+  modes.train(config, str(tmp_path / 'run'))
+  evals = [r['step'] for r in read_metrics(tmp_path / 'run') if 'test_bpd' in r]
+  assert evals == [3, 4]
+  assert loads.count('test') == 1, loads
 
 def test_nonfinite_run_stops_without_checkpoint(config, tmp_path, compiled):
   variables = jax.tree.map(np.array, compiled['variables'])

@@ -1,0 +1,406 @@
+"""Random-access sources of the data sets and their loading.
+
+Every image leaves this package as a ``uint8`` numpy array ``[H, W, C]`` (one
+example) or ``[B, H, W, C]`` (a batch), with values in ``[0, 2**num_bits)``;
+dequantisation and scaling belong to the model.
+
+Data sets (``config.data.dataset``):
+
+* ``'digits'``: scikit-learn's embedded ``load_digits()`` (1797 images, 8x8,
+  1 channel), values 0..16 stored as they are. Use it with
+  ``model.image_shape = (8, 8, 1)`` and ``model.num_bits = 5`` (32 levels, of
+  which 0..16 occur). Split: ``numpy.random.default_rng(0).permutation(1797)``,
+  the first 1500 indices are 'train' and the other 297 'test', in that order.
+* ``'npz'``: ``data.source`` is an ``.npz`` with keys 'train' and 'test', each a
+  uint8 array ``[N, H, W, C]``.
+* ``'folder'``: ``data.source`` is a folder with ``train/`` and ``test/``
+  sub-folders of image files (png, jpg, jpeg, bmp, webp; searched
+  recursively, sorted by path), decoded with PIL as RGB, or as L when
+  ``model.image_shape`` has one channel. All images must have the same size.
+* any other name: a prepared TFDS data set read with ``tfds.data_source``
+  (ArrayRecord files, no TensorFlow needed). Known names: 'cifar10',
+  'imagenet_resized/32x32', 'imagenet_resized/64x64' (our 'test' split is
+  TFDS's 'validation') and 'celeb_a' (cropped and resized to 64x64 with
+  :func:`celeba_crop_resize`). Preparing needs TensorFlow once:
+  ``pip install "denseflow-jax[prepare]" &&
+  python -m denseflow_jax.prepare_data --dataset cifar10``.
+
+:func:`load_split` is the entry point: a random-access source (``len()`` and
+``[i]``) of one split, checked with :mod:`denseflow_jax.data.validation`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from denseflow_jax.data.validation import check_split, validate_image_shape, validate_images
+from denseflow_jax.errors import DataError
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+LOCAL_DATASETS = ('digits', 'npz', 'folder')
+
+# TFDS data sets we know, and how our split names map onto theirs.
+TFDS_SPLITS = {
+    'cifar10': {'train': 'train', 'test': 'test'},
+    'imagenet_resized/32x32': {'train': 'train', 'test': 'validation'},
+    'imagenet_resized/64x64': {'train': 'train', 'test': 'validation'},
+    'celeb_a': {'train': 'train', 'test': 'test'},
+}
+
+DIGITS_NUM_TRAIN = 1500
+DIGITS_NUM_LEVELS = 17          # values 0..16
+CELEBA_CROP = 148               # side of the square crop of the 218x178 frame
+CELEBA_SIZE = 64                # side after resizing
+
+
+# ---------------------------------------------------------------------------
+# Random-access sources.
+# ---------------------------------------------------------------------------
+
+
+class ArraySource:
+  """Random-access source over an in-memory uint8 array ``[N, H, W, C]``."""
+
+  def __init__(self, images: np.ndarray, description: str = 'array'):
+    self.images = images
+    self.description = description
+
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self.images[index]
+
+  def __repr__(self) -> str:
+    return f'ArraySource({self.description}, shape={self.images.shape})'
+
+
+class FolderSource:
+  """Random-access source decoding image files with PIL on each access."""
+
+  def __init__(self, files: Sequence[str], mode: str, size: tuple[int, int]):
+    self.files = list(files)
+    self.mode = mode        # 'RGB' or 'L'
+    self.size = size        # (H, W)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    path = self.files[index]
+    try:
+      with Image.open(path) as img:
+        array = np.asarray(img.convert(self.mode), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+      raise DataError(
+          f'cannot decode image file {path}: {e}; replace or delete the file '
+          'from the data.source folder') from e
+    if array.ndim == 2:
+      array = array[:, :, None]
+    if array.shape[:2] != self.size:
+      raise DataError(
+          f'image file {path} is {array.shape[0]}x{array.shape[1]} (HxW) but '
+          f'the other images are {self.size[0]}x{self.size[1]}; resize it or '
+          'remove it from the data.source folder')
+    return array
+
+  def __repr__(self) -> str:
+    return f'FolderSource({len(self.files)} files, mode={self.mode})'
+
+
+class TfdsSource:
+  """Random-access source over a TFDS data source; yields ``record['image']``.
+
+  ``preprocess`` (picklable, e.g. a ``functools.partial``) maps each uint8
+  ``[H, W, C]`` image before it is returned.
+  """
+
+  def __init__(self, data_source: Any, preprocess=None, description='tfds'):
+    self.data_source = data_source
+    self.preprocess = preprocess
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    image = np.asarray(self.data_source[index]['image'], dtype=np.uint8)
+    if image.ndim == 2:
+      image = image[:, :, None]
+    if self.preprocess is not None:
+      image = self.preprocess(image)
+    return image
+
+  def __repr__(self) -> str:
+    return f'TfdsSource({self.description}, {len(self)} examples)'
+
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_all() -> np.ndarray:
+  # Imported here: only the digits set needs scikit-learn.
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  images = datasets.load_digits().images                # float64 [1797, 8, 8]
+  return images.astype(np.uint8)[:, :, :, None]
+
+
+def digits_split_indices(split: str) -> np.ndarray:
+  """Indices into ``load_digits().images`` forming a digits split, in order."""
+  check_split(split, 'digits')
+  perm = np.random.default_rng(0).permutation(len(_digits_all()))
+  if split == 'train':
+    return perm[:DIGITS_NUM_TRAIN]
+  return perm[DIGITS_NUM_TRAIN:]
+
+
+def _load_digits(split, image_shape, num_bits) -> ArraySource:
+  images = _digits_all()[digits_split_indices(split)]
+  where = f"data.dataset='digits' split '{split}'"
+  if num_bits is not None and 2**int(num_bits) < DIGITS_NUM_LEVELS:
+    raise DataError(
+        f'{where} has values 0..16 but config.model.num_bits = {num_bits} '
+        'allows fewer levels; set --config.model.num_bits=5')
+  validate_images(images, image_shape, num_bits, where)
+  return ArraySource(images, where)
+
+
+def _load_npz(source, split, image_shape, num_bits) -> ArraySource:
+  check_split(split, 'npz')
+  if not source:
+    raise DataError(
+        "data.dataset='npz' needs data.source, the path of an .npz with keys "
+        "'train' and 'test' holding uint8 arrays [N, H, W, C]; set "
+        '--config.data.source=/path/to/data.npz')
+  if not os.path.isfile(source):
+    raise DataError(
+        f'data.source {source} does not exist or is not a file; set '
+        '--config.data.source to an .npz with keys \'train\' and \'test\' '
+        'holding uint8 arrays [N, H, W, C]')
+  try:
+    with np.load(source, allow_pickle=False) as npz:
+      keys = list(npz.keys())
+      if split not in keys:
+        raise DataError(
+            f"data.source {source} has no key '{split}' (it has {keys}); "
+            "expected keys 'train' and 'test' holding uint8 arrays "
+            '[N, H, W, C]')
+      images = npz[split]
+  except DataError:
+    raise
+  except (OSError, ValueError, EOFError) as e:
+    raise DataError(
+        f'data.source {source} is not a readable .npz ({e}); write it with '
+        'np.savez(path, train=..., test=...) using uint8 arrays '
+        '[N, H, W, C]') from e
+  validate_images(images, image_shape, num_bits,
+                  f"data.source {source} key '{split}'")
+  return ArraySource(images, f"{source}['{split}']")
+
+
+def _load_folder(source, split, image_shape) -> FolderSource:
+  check_split(split, 'folder')
+  if not source:
+    raise DataError(
+        "data.dataset='folder' needs data.source, a folder with train/ and "
+        'test/ sub-folders of images; set --config.data.source=/path/to/folder')
+  folder = pathlib.Path(source) / split
+  if not folder.is_dir():
+    raise DataError(
+        f'data.source {source} has no {split}/ sub-folder; put the images in '
+        f'{folder}/ (and the other split beside it)')
+  files = sorted(str(p) for p in folder.rglob('*')
+                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+  if not files:
+    raise DataError(
+        f'{folder} holds no image files ({", ".join(IMAGE_EXTENSIONS)}); add '
+        'images or point data.source at the right folder')
+  channels = 3 if image_shape is None else int(image_shape[2])
+  if channels not in (1, 3):
+    raise DataError(
+        f'config.model.image_shape = {tuple(image_shape)} asks for {channels} '
+        "channels but data.dataset='folder' decodes RGB (3) or grey (1); set "
+        'the last entry of --config.model.image_shape to 3 or 1')
+  size = None
+  for path in files:
+    try:
+      with Image.open(path) as img:
+        width, height = img.size
+    except (OSError, ValueError, SyntaxError) as e:
+      raise DataError(
+          f'cannot read image file {path}: {e}; replace or delete it') from e
+    if size is None:
+      size, first = (height, width), path
+    elif (height, width) != size:
+      raise DataError(
+          f'image file {path} is {height}x{width} (HxW) but {first} is '
+          f'{size[0]}x{size[1]}; all images must have the same size: resize '
+          'or remove the odd ones')
+  if image_shape is not None:
+    validate_image_shape((size[0], size[1], channels), image_shape,
+                         f'data.source {folder}')
+  return FolderSource(files, 'L' if channels == 1 else 'RGB', size)
+
+
+def celeba_crop_resize(image: np.ndarray, size: int = CELEBA_SIZE,
+                       crop: int = CELEBA_CROP, top: int | None = None,
+                       left: int | None = None) -> np.ndarray:
+  """CelebA-64 preprocessing: a ``crop`` x ``crop`` box, then a bicubic resize.
+
+  This is our reading of the common CelebA-64 protocol: from the aligned
+  218x178 frame take the centred 148x148 box (top = (218 - 148) // 2 = 35,
+  left = (178 - 148) // 2 = 15) and resize it to 64x64 with PIL's BICUBIC
+  filter. (The official DenseFlow preprocessing script computes a crop at
+  top 40, left 15 but then resizes the uncropped frame bilinearly; pass
+  ``top=40`` to get that box.)
+
+  Args:
+    image: uint8 ``[H, W, C]``.
+    size: side of the output.
+    crop: side of the square box.
+    top: first row of the box; None centres it.
+    left: first column of the box; None centres it.
+
+  Returns:
+    uint8 ``[size, size, C]``.
+  """
+  height, width = image.shape[:2]
+  top = (height - crop) // 2 if top is None else top
+  left = (width - crop) // 2 if left is None else left
+  if top < 0 or left < 0 or top + crop > height or left + crop > width:
+    raise DataError(
+        f'cannot take a {crop}x{crop} box at (top={top}, left={left}) from a '
+        f'{height}x{width} image; celeb_a images should be the aligned '
+        '218x178 frames')
+  squeeze = image.ndim == 3 and image.shape[2] == 1
+  pil = Image.fromarray(image[:, :, 0] if squeeze else image)
+  pil = pil.crop((left, top, left + crop, top + crop))
+  out = np.asarray(pil.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+  return out[:, :, None] if out.ndim == 2 else out
+
+
+def tfds_split_name(dataset: str, split: str) -> str:
+  """TFDS's name for our split ('test' is 'validation' for imagenet_resized)."""
+  return TFDS_SPLITS.get(dataset, {}).get(split, split)
+
+
+def prepare_command(dataset: str, data_dir: str = '') -> str:
+  """The shell command that prepares a TFDS data set for this pipeline."""
+  command = ('pip install "denseflow-jax[prepare]" && python -m '
+             f'denseflow_jax.prepare_data --dataset {dataset}')
+  if data_dir:
+    command += f' --data_dir {data_dir}'
+  return command
+
+
+def _load_tfds(name, split, data_dir, image_shape) -> TfdsSource:
+  # Imported here: importing tensorflow_datasets takes seconds; only TFDS data sets need it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds_split = tfds_split_name(name, split)
+  try:
+    data_source = tfds.data_source(name, split=tfds_split,
+                                   data_dir=data_dir or None, download=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(
+        f"data.dataset='{name}' is neither one of {LOCAL_DATASETS} nor a TFDS "
+        f'data set name; known TFDS data sets: {sorted(TFDS_SPLITS)}. Set '
+        '--config.data.dataset accordingly') from e
+  except Exception as e:  # pylint: disable=broad-except
+    try:
+      builder = tfds.builder(name, data_dir=data_dir or None)
+      where, prepared = str(builder.data_dir), builder.is_prepared()
+    except Exception:  # pylint: disable=broad-except
+      where, prepared = data_dir or 'the TFDS default data_dir', False
+    if not prepared:
+      raise DataError(
+          f"TFDS data set '{name}' is not prepared in {where} (split "
+          f"'{tfds_split}'). Prepare it once (needs TensorFlow and internet): "
+          f'{prepare_command(name, data_dir)} ; or set '
+          '--config.data.tfds_data_dir to where it is prepared') from e
+    raise DataError(
+        f"cannot open split '{tfds_split}' of TFDS data set '{name}' in "
+        f'{where}: {type(e).__name__}: {e}. If it was prepared as TFRecord, '
+        f'prepare it again as ArrayRecord: {prepare_command(name, data_dir)}'
+    ) from e
+  preprocess = None
+  if name == 'celeb_a':
+    size = CELEBA_SIZE if image_shape is None else int(image_shape[0])
+    preprocess = functools.partial(celeba_crop_resize, size=size)
+  source = TfdsSource(data_source, preprocess, f'{name}:{tfds_split}')
+  if len(source) == 0:
+    raise DataError(f"split '{tfds_split}' of TFDS data set '{name}' is empty; "
+                    f'prepare it again: {prepare_command(name, data_dir)}')
+  if image_shape is not None:
+    validate_image_shape(source[0].shape, image_shape,
+                         f"TFDS data set '{name}' split '{tfds_split}'")
+  return source
+
+
+def load_split(config, split: str,
+               image_shape: Sequence[int] | None = None,
+               num_bits: int | None = None):
+  """Returns a random-access source of uint8 ``[H, W, C]`` images.
+
+  The one way to load a split (training, evaluation, FID and the latent tools):
+  ``load_split(config, 'test')`` with the full config checks the images against
+  ``config.model``; ``load_split(config.data, 'test')`` reads the same data and
+  checks only what ``image_shape`` and ``num_bits`` ask for.
+
+  Args:
+    config: the full config (a ``data`` field) or just ``config.data``
+      (fields ``dataset``, ``source``, ``tfds_data_dir``).
+    split: 'train' or 'test' (TFDS data sets also take TFDS split strings).
+    image_shape: expected (H, W, C); None takes ``config.model.image_shape``
+      from a full config and skips the checks given ``config.data``. A
+      mismatch raises DataError. Also picks grey or RGB decoding for 'folder'
+      and the output size for 'celeb_a'.
+    num_bits: values of in-memory data sets ('digits', 'npz') must be below
+      ``2**num_bits``; None takes ``config.model.num_bits`` from a full config
+      and skips the check given ``config.data``.
+
+  Returns:
+    An object with ``len()`` and ``[i]`` returning uint8 ``[H, W, C]``.
+
+  Raises:
+    DataError: bad configuration or data; the message names the fix.
+  """
+  if 'data' in config:      # the full config: its model says what the images must be
+    data_config = config.data
+    image_shape = config.model.image_shape if image_shape is None else image_shape
+    num_bits = config.model.get('num_bits', None) if num_bits is None else num_bits
+  else:
+    data_config = config
+  dataset = data_config.get('dataset', '')
+  source = data_config.get('source', '')
+  if not dataset:
+    raise DataError(
+        "data.dataset is empty; set --config.data.dataset to 'digits', 'npz', "
+        f"'folder' or a TFDS name such as {sorted(TFDS_SPLITS)}")
+  # A setting that the chosen data set does not read is a mistake, not something to ignore.
+  if source and dataset not in ('npz', 'folder'):
+    raise DataError(
+        f"data.source={source!r} is only read by data.dataset='npz' or 'folder', but "
+        f"data.dataset={dataset!r} ignores it; set --config.data.dataset=npz (an .npz file) "
+        "or folder (train/ and test/ image folders), or drop --config.data.source")
+  if data_config.get('tfds_data_dir', '') and dataset in ('digits', 'npz', 'folder'):
+    raise DataError(
+        f"data.tfds_data_dir is only read for TFDS data sets, but data.dataset={dataset!r} "
+        "ignores it; drop --config.data.tfds_data_dir or choose a TFDS data set")
+  if dataset == 'digits':
+    return _load_digits(split, image_shape, num_bits)
+  if dataset == 'npz':
+    return _load_npz(source, split, image_shape, num_bits)
+  if dataset == 'folder':
+    return _load_folder(source, split, image_shape)
+  return _load_tfds(dataset, split, data_config.get('tfds_data_dir', ''),
+                    image_shape)
+

@@ -1,0 +1,279 @@
+"""The resumable training stream: shuffled, augmented batches for one process.
+
+Each epoch of :func:`make_train_iterator` is a fresh
+permutation of the training split (grain's stateless index shuffle) cut into
+``steps_per_epoch = len(train) // global_batch`` global batches; the last
+``len(train) % global_batch`` examples of each epoch's permutation are left out
+of that epoch. Process ``p`` of ``P`` gets rows ``[p * b, (p + 1) * b)`` of each
+global batch (``b = global_batch // P``), so concatenating the processes'
+batches in process order gives the global batch, and each example's
+augmentation is seeded by its position in the global stream: the global batches
+are the same whatever the number of processes or grain workers.
+
+:class:`TrainIterator` can save its position (``get_state``, JSON via
+:func:`state_to_json`) and continue from it; the state format string is stored
+in checkpoints.
+"""
+from __future__ import annotations
+
+import json
+
+from absl import flags
+import grain
+import numpy as np
+
+from denseflow_jax.data.augment import AUGMENTATIONS, augment
+from denseflow_jax.data.sources import load_split
+from denseflow_jax.errors import DataError
+
+# Stored in checkpoints with the iterator state: keep this value so old checkpoints resume.
+_STATE_FORMAT = 'denseflow_jax.data.train_iterator/1'
+
+
+def local_batch_size(global_batch: int, process_count: int = 1) -> int:
+  """``global_batch // process_count``; DataError unless it divides evenly."""
+  if global_batch <= 0:
+    raise DataError(f'batch size {global_batch} must be positive; set '
+                    '--config.train.batch_size (or eval.batch_size) > 0')
+  if process_count <= 0 or global_batch % process_count:
+    raise DataError(
+        f'global batch size {global_batch} does not divide over '
+        f'{process_count} processes; set the batch size to a multiple of '
+        f'{process_count}')
+  return global_batch // process_count
+
+
+def steps_per_epoch(config, process_count: int = 1, source=None) -> int:
+  """Training steps per epoch: ``len(train) // config.train.batch_size``.
+
+  Args:
+    config: the full config.
+    process_count: checked to divide the global batch.
+    source: the training source if already loaded (saves loading it again).
+  """
+  global_batch = config.train.batch_size
+  local_batch_size(global_batch, process_count)
+  if source is None:
+    source = load_split(config, 'train')
+  steps = len(source) // global_batch
+  if steps == 0:
+    raise DataError(
+        f'the training split has {len(source)} examples, fewer than one '
+        f'global batch of {global_batch}; lower --config.train.batch_size')
+  return steps
+
+
+def _derived_seeds(seed: int) -> tuple[int, int]:
+  """Independent (shuffle, augmentation) seeds in [0, 2**32) from a seed."""
+  a, b = np.random.SeedSequence(int(seed) % 2**63).generate_state(2)
+  return int(a), int(b)
+
+
+class _TrainExample:
+  """Maps a process-local stream index to an augmented image (picklable)."""
+
+  def __init__(self, source, num_examples, steps, global_batch, local_batch,
+               process_index, shuffle_seed, augment_seed, augmentation):
+    self.source = source
+    self.num_examples = num_examples
+    self.steps = steps
+    self.global_batch = global_batch
+    self.local_batch = local_batch
+    self.process_index = process_index
+    self.augment_seed = augment_seed
+    self.augmentation = augmentation
+    # Stateless permutation; index e * n + i gives position i of epoch e's
+    # permutation (grain reseeds each epoch with shuffle_seed + e).
+    self.permutation = grain.MapDataset.range(num_examples).shuffle(
+        seed=shuffle_seed)
+
+  def global_position(self, index: int) -> tuple[int, int]:
+    """(epoch, position within the epoch's global stream) of a local index."""
+    epoch, rest = divmod(index, self.steps * self.local_batch)
+    step, row = divmod(rest, self.local_batch)
+    return epoch, (step * self.global_batch
+                   + self.process_index * self.local_batch + row)
+
+  def __call__(self, index: int, unused_element) -> np.ndarray:
+    epoch, position = self.global_position(index)
+    example = self.permutation[epoch * self.num_examples + position]
+    image = self.source[example]
+    stream_index = epoch * self.steps * self.global_batch + position
+    return augment(image, self.augmentation, (self.augment_seed, stream_index))
+
+
+class TrainIterator:
+  """Endless iterator of uint8 batches ``[local_batch, H, W, C]``.
+
+  ``get_state()`` returns a JSON-serialisable dict; ``set_state(state)`` on an
+  iterator built from the same data settings continues with exactly the
+  batches that would have followed. The state also records the data settings
+  and raises DataError when they differ. A state from another process of the
+  same layout applies as it is (multi-host checkpoints store process 0's). If
+  the process or worker count changed, the state is applied by step count,
+  which needs ``data.worker_count = 0`` on the resuming side.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, pipeline: dict, layout: dict,
+               local_batch: int, steps: int):
+    self._dataset = dataset
+    self._iterator = iter(dataset)
+    self._pipeline = _json_normalise(pipeline)
+    self._layout = _json_normalise(layout)
+    self._step = 0
+    self.local_batch = local_batch
+    self.steps_per_epoch = steps
+
+  @property
+  def step(self) -> int:
+    """Number of batches returned so far (restored by set_state)."""
+    return self._step
+
+  @property
+  def epoch(self) -> int:
+    """Epoch of the next batch."""
+    return self._step // self.steps_per_epoch
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def __next__(self) -> np.ndarray:
+    batch = next(self._iterator)
+    if type(batch) is not np.ndarray:  # pylint: disable=unidiomatic-typecheck
+      batch = np.array(batch)         # e.g. grain's SharedMemoryArray
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    """The position in the stream, as a JSON-serialisable dict."""
+    return {
+        'format': _STATE_FORMAT,
+        'step': self._step,
+        'pipeline': self._pipeline,
+        'layout': self._layout,
+        'grain': self._iterator.get_state(),
+    }
+
+  def set_state(self, state: dict) -> None:
+    """Continues from ``state`` (from get_state, possibly via JSON)."""
+    if not isinstance(state, dict) or state.get('format') != _STATE_FORMAT:
+      raise DataError(
+          'the data iterator state is not one written by '
+          f'denseflow_jax.data (format {_STATE_FORMAT}); restore a checkpoint '
+          'written by this version, or start the data stream afresh')
+    saved = _json_normalise(state['pipeline'])
+    if saved != self._pipeline:
+      diff = {k: (saved.get(k), self._pipeline.get(k))
+              for k in sorted(set(saved) | set(self._pipeline))
+              if saved.get(k) != self._pipeline.get(k)}
+      raise DataError(
+          'the data iterator state was written with other data settings '
+          f'(field: (checkpoint, now)) {diff}; resume with the settings of the '
+          'checkpoint, or start the data stream afresh')
+    step = int(state['step'])
+    # Checkpoints hold process 0's state only (orbax writes JSON items on the primary
+    # host). Every process runs the same pipeline structure in lockstep, so its grain
+    # state equals process 0's whenever process and worker counts match.
+    if _same_layout_but_process(state['layout'], self._layout):
+      self._iterator.set_state(state['grain'])
+    elif self._layout['worker_count'] == 0:
+      self._iterator.set_state({'next_index': step})
+    else:
+      raise DataError(
+          f"the data iterator state was written with layout {state['layout']}"
+          f' but this run has {self._layout}; with a different process or '
+          'worker count resume with --config.data.worker_count=0')
+    self._step = step
+
+  def close(self) -> None:
+    """Stops background workers (grain multiprocessing), if any."""
+    close = getattr(self._iterator, 'close', None)
+    if close is not None:
+      close()
+
+
+def _json_normalise(value):
+  return json.loads(json.dumps(value))
+
+
+def _same_layout_but_process(a: dict, b: dict) -> bool:
+  """Layouts equal apart from process_index."""
+  a, b = _json_normalise(a), _json_normalise(b)
+  a.pop('process_index', None)
+  b.pop('process_index', None)
+  return a == b
+
+
+def state_to_json(state: dict) -> str:
+  """Serialises a TrainIterator state."""
+  return json.dumps(state, sort_keys=True)
+
+
+def state_from_json(text: str) -> dict:
+  """Parses a TrainIterator state written by :func:`state_to_json`."""
+  return json.loads(text)
+
+
+def read_options(data_config) -> grain.ReadOptions:
+  """grain's read options from ``config.data.prefetch`` (train and eval streams)."""
+  prefetch = max(1, int(data_config.get('prefetch', 2)))
+  return grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+
+
+def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
+                        source=None) -> TrainIterator:
+  """Endless, shuffled, augmented training batches for one process.
+
+  Args:
+    config: the full config (``data``, ``model.image_shape``,
+      ``model.num_bits``, ``train.batch_size`` = global batch, ``seed``).
+    process_index: this process (``jax.process_index()``).
+    process_count: number of processes (``jax.process_count()``).
+    source: the training source if already loaded.
+
+  Returns:
+    A :class:`TrainIterator` of uint8 ``[global_batch // process_count, H, W,
+    C]``; its batches, concatenated over processes in process order, are the
+    global batches, the same for any process_count.
+  """
+  data = config.data
+  augmentation = data.get('augmentation', 'none')
+  if augmentation not in AUGMENTATIONS:
+    raise DataError(f"data.augmentation='{augmentation}' is unknown; use one "
+                    f'of {AUGMENTATIONS}')
+  global_batch = int(config.train.batch_size)
+  local_batch = local_batch_size(global_batch, process_count)
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index {process_index} is not in '
+                    f'[0, {process_count})')
+  if source is None:
+    source = load_split(config, 'train')
+  steps = steps_per_epoch(config, process_count, source=source)
+  shuffle_seed, augment_seed = _derived_seeds(config.seed)
+  example = _TrainExample(source, len(source), steps, global_batch,
+                          local_batch, process_index, shuffle_seed,
+                          augment_seed, augmentation)
+  ds = (grain.MapDataset.range(steps * local_batch)
+        .repeat()
+        .map_with_index(example)
+        .batch(local_batch, drop_remainder=True)
+        .to_iter_dataset(read_options(data)))
+  worker_count = int(data.get('worker_count', 0))
+  if worker_count > 0:
+    if not flags.FLAGS.is_parsed():   # grain reads flags in its workers
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count,
+        per_worker_buffer_size=max(1, int(data.get('prefetch', 2)))))
+  pipeline = {
+      'dataset': data.get('dataset', ''),
+      'source': data.get('source', ''),
+      'num_examples': len(source),
+      'image_shape': list(config.model.image_shape),
+      'global_batch': global_batch,
+      'seed': int(config.seed),
+      'augmentation': augmentation,
+  }
+  layout = {'process_index': process_index, 'process_count': process_count,
+            'worker_count': worker_count}
+  return TrainIterator(ds, pipeline, layout, local_batch, steps)
