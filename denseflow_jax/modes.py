@@ -24,6 +24,7 @@ from denseflow_jax.settings import (DataSettings, EvalSettings, FidSettings, Lat
                                     RunSettings, SampleSettings, TrainSettings)
 from denseflow_jax.spec import spec_from_config
 from denseflow_jax.summary import format_table, parameter_table
+from denseflow_jax.train_step import eval_variables
 
 
 def summary(config, workdir=None):
@@ -151,14 +152,14 @@ def train(config, workdir):
     return data.load_split(config, 'test')
 
   def eval_fn(state, step):
-    variables = train_lib.eval_variables(state, eval_settings.use_ema)
+    variables = eval_variables(state, eval_settings.use_ema)
     result = evaluate_lib.evaluate_dataset(model, variables, config, key, periodic,
                                            log_prob_fn=log_prob_fn, progress=False,
                                            source=test_split())
     return {'test_bpd': result['elbo_bpd']}
 
   def sample_fn(state, step):
-    variables = train_lib.eval_variables(state, eval_settings.use_ema)
+    variables = eval_variables(state, eval_settings.use_ema)
     images = evaluate_lib.sample_images(model, variables, jax.random.fold_in(key, step),
                                         sample_settings.num, sample_settings.temperature,
                                         sample_settings.batch_size)

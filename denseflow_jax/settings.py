@@ -21,14 +21,17 @@ Inception weights file (fid.require_inception_weights), whether the data files e
 which data.* fields the chosen data set reads (data.load_split), a fine-tune's trained
 model and the batch dividing over the devices (train).
 
+The checks of single fields and the reading of a section are in config_checks.py.
+
 Nothing here imports JAX or the data pipeline: checking a config takes milliseconds
 (`--mode eval --config.eval.k=0` fails in the time it takes to start Python).
 """
 import dataclasses
-import math
-import numbers
-from typing import Any, Callable, ClassVar, Dict, Mapping, Tuple
+from typing import Tuple
 
+from denseflow_jax.config_checks import (Checked, check_bool, check_choice, check_int, check_number,
+                                         check_positive_int, check_sequence, check_str, fail,
+                                         is_int, is_number)
 from denseflow_jax.errors import ConfigError
 
 PHASES = ('pretrain', 'finetune')
@@ -41,145 +44,24 @@ AUGMENTATIONS = ('none', 'horizontal_flip', 'eta')
 # seed 0. --mode train also uses seed + 1, which must stay below 2**32.
 SEED_LIMIT = 2 ** 32 - 1
 
-DEFAULTS_HINT = ('configs/default.py defines every field: build the config on '
-                 'default.get_config() (or add the field to it)')
-
-
-# ---------------------------------------------------------------- field checks
-# Each returns the value normalised (int, float, tuple) or raises ConfigError.
-
-
-def _fail(where: str, allowed: str, value, hint: str = ''):
-  raise ConfigError(f'{where} must be {allowed}, got {value!r}{hint}')
-
-
-def _is_int(value) -> bool:
-  # bool is an int to Python (and to ConfigDict), never to us.
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
-def _int(where, value, minimum, allowed=None, hint=''):
-  if not (_is_int(value) and value >= minimum):
-    _fail(where, allowed or f'an integer >= {minimum}', value, hint)
-  return int(value)
-
-
-def _positive_int(where, value):
-  return _int(where, value, 1, 'a positive integer')
-
-
-def _number(where, value, ok: Callable[[float], bool], allowed: str, hint=''):
-  if not (_is_number(value) and ok(float(value))):
-    _fail(where, allowed, value, hint)
-  return float(value)
-
-
-def _choice(where, value, options):
-  if not (isinstance(value, str) and value in options):
-    _fail(where, f'one of {options}', value)
-  return value
-
-
-def _bool(where, value):
-  if not isinstance(value, bool):
-    _fail(where, 'True or False', value)
-  return value
-
-
-def _str(where, value, allowed='a string (a path, or empty)'):
-  if not isinstance(value, str):
-    _fail(where, allowed, value)
-  return value
-
-
-def _sequence(where, value, allowed):
-  """A list or tuple as a tuple (a string is a sequence too, but never meant as one)."""
-  if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-    _fail(where, allowed, value)
-  return tuple(value)
-
-
-# ---------------------------------------------------------------- reading a section
-
-
-def _read_section(config, name, fields):
-  """{field: value} of config[name] for exactly `fields`: ConfigError if the section or a
-  field is missing, or the section holds a field nobody reads."""
-  try:
-    section = config[name]
-  except (KeyError, AttributeError, TypeError):
-    raise ConfigError(f'the config has no {name} section; {DEFAULTS_HINT}') from None
-  if not isinstance(section, Mapping) and not hasattr(section, 'keys'):
-    raise ConfigError(f'config.{name} must be a section (ConfigDict) of fields, got '
-                      f'{section!r}; {DEFAULTS_HINT}')
-  keys = set(section.keys())
-  missing = [f for f in fields if f not in keys]
-  if missing:
-    raise ConfigError(f'the config lacks {", ".join(f"{name}.{f}" for f in missing)}; '
-                      f'{DEFAULTS_HINT}')
-  unknown = sorted(keys - set(fields))
-  if unknown:
-    raise ConfigError(f'unknown config field(s) {", ".join(f"{name}.{f}" for f in unknown)}; '
-                      f'the {name} section has {", ".join(fields)} (configs/default.py)')
-  return {f: section[f] for f in fields}
-
-
-def _read_top_level(config, fields):
-  missing = [f for f in fields if f not in config]
-  if missing:
-    raise ConfigError(f'the config lacks the top-level field(s) {", ".join(missing)}; '
-                      f'{DEFAULTS_HINT}')
-  return {f: config[f] for f in fields}
-
-
-class _Checked:
-  """Mixin: ``__post_init__`` runs ``_CHECKS[field](where, value)`` on every field (where
-  = ``SECTION.field``) and stores what it returns, then :meth:`_check_together`."""
-  SECTION: ClassVar[str] = ''
-  _CHECKS: ClassVar[Dict[str, Callable[[str, Any], Any]]] = {}
-
-  def __post_init__(self):
-    for field in dataclasses.fields(self):
-      where = f'{self.SECTION}.{field.name}' if self.SECTION else field.name
-      value = self._CHECKS[field.name](where, getattr(self, field.name))
-      object.__setattr__(self, field.name, value)   # frozen: normalised once, here
-    self._check_together()
-
-  def _check_together(self):
-    """Rules between fields of the section."""
-
-  @classmethod
-  def from_config(cls, config):
-    """The section of the full `config` (ConfigDict or nested dict), checked."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    if cls.SECTION:
-      return cls(**_read_section(config, cls.SECTION, names))
-    return cls(**_read_top_level(config, names))
-
-
 # ---------------------------------------------------------------- top level
 
 
 def _seed(where, value):
-  if not (_is_int(value) and 0 <= value < SEED_LIMIT):
-    _fail(where, 'an integer in [0, 2**32 - 1) (JAX keeps 32 bits of it)', value)
+  if not (is_int(value) and 0 <= value < SEED_LIMIT):
+    fail(where, 'an integer in [0, 2**32 - 1) (JAX keeps 32 bits of it)', value)
   return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
-class RunSettings(_Checked):
+class RunSettings(Checked):
   """The top-level fields: `seed` (every random key of a run derives from it) and
   `checkpoint` (run any mode from this converted or trained model; '' = the workdir's).
   Whether the checkpoint exists is checked where it is read."""
   seed: int
   checkpoint: str
 
-  _CHECKS = {'seed': _seed, 'checkpoint': _str}
+  _CHECKS = {'seed': _seed, 'checkpoint': check_str}
 
 
 # ---------------------------------------------------------------- train
@@ -189,34 +71,34 @@ _NOT_NEGATIVE = lambda x: x >= 0   # noqa: E731
 
 def _num_steps(where, value):
   # <= 0 used to mean 'off' silently; only -1 says so, and 0 steps is no run.
-  if not (_is_int(value) and (value == -1 or value >= 1)):
-    _fail(where, '-1 (off: train.epochs / train.finetune_epochs decide) or a positive integer',
+  if not (is_int(value) and (value == -1 or value >= 1)):
+    fail(where, '-1 (off: train.epochs / train.finetune_epochs decide) or a positive integer',
           value)
   return int(value)
 
 
 def _best_metric(where, value):
   if not (isinstance(value, str) and value):
-    _fail(where, "the name of a metric the evaluation returns, such as 'test_bpd'", value)
+    fail(where, "the name of a metric the evaluation returns, such as 'test_bpd'", value)
   return value
 
 
 # The fields the compiled train step depends on, shared by TrainSettings and StepSettings.
 _STEP_CHECKS = {
-    'phase': lambda w, v: _choice(w, v, PHASES),
-    'optimizer': lambda w, v: _choice(w, v, OPTIMIZERS),
-    'lr': lambda w, v: _number(w, v, _NOT_NEGATIVE, 'a number >= 0'),
-    'warmup_steps': lambda w, v: _int(w, v, 0),
-    'gamma': lambda w, v: _number(w + ' (lr decay per epoch)', v, lambda x: 0 < x <= 1,
+    'phase': lambda w, v: check_choice(w, v, PHASES),
+    'optimizer': lambda w, v: check_choice(w, v, OPTIMIZERS),
+    'lr': lambda w, v: check_number(w, v, _NOT_NEGATIVE, 'a number >= 0'),
+    'warmup_steps': lambda w, v: check_int(w, v, 0),
+    'gamma': lambda w, v: check_number(w + ' (lr decay per epoch)', v, lambda x: 0 < x <= 1,
                                   'in (0, 1]'),
-    'finetune_lr': lambda w, v: _number(w, v, _NOT_NEGATIVE, 'a number >= 0'),
-    'grad_clip': lambda w, v: _number(w, v, _NOT_NEGATIVE, 'a number >= 0 (0 = off)'),
-    'ema_decay': lambda w, v: _number(w, v, lambda x: 0 <= x < 1, 'in [0, 1) (0 = off)'),
+    'finetune_lr': lambda w, v: check_number(w, v, _NOT_NEGATIVE, 'a number >= 0'),
+    'grad_clip': lambda w, v: check_number(w, v, _NOT_NEGATIVE, 'a number >= 0 (0 = off)'),
+    'ema_decay': lambda w, v: check_number(w, v, lambda x: 0 <= x < 1, 'in [0, 1) (0 = off)'),
 }
 
 
 @dataclasses.dataclass(frozen=True)
-class StepSettings(_Checked):
+class StepSettings(Checked):
   """What the compiled train step depends on (hashable: compiled steps are cached on it,
   so repeated runs in one process compile once). Build it with
   :meth:`TrainSettings.step_settings`."""
@@ -231,12 +113,12 @@ class StepSettings(_Checked):
   ema_decay: float
 
   SECTION = 'train'
-  _CHECKS = {'steps_per_epoch': lambda w, v: _positive_int('steps_per_epoch', v),
+  _CHECKS = {'steps_per_epoch': lambda w, v: check_positive_int('steps_per_epoch', v),
              **_STEP_CHECKS}
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSettings(_Checked):
+class TrainSettings(Checked):
   """config.train: the official recipe (lr schedule, phase, optimizer, EMA, clipping), how
   long to train, and how often to log, evaluate, sample and checkpoint. See the module
   docstring of train.py for the schedule and the fine-tune phase."""
@@ -263,17 +145,17 @@ class TrainSettings(_Checked):
   SECTION = 'train'
   _CHECKS = {
       **_STEP_CHECKS,
-      'batch_size': _positive_int,
+      'batch_size': check_positive_int,
       # >= 0 here; the one the phase uses must be positive unless num_steps decides.
-      'epochs': lambda w, v: _int(w, v, 0),
-      'finetune_epochs': lambda w, v: _int(w, v, 0),
-      'log_every': _positive_int,
-      'eval_every_epochs': _positive_int,
-      'sample_every_epochs': _positive_int,
-      'checkpoint_every_steps': _positive_int,
+      'epochs': lambda w, v: check_int(w, v, 0),
+      'finetune_epochs': lambda w, v: check_int(w, v, 0),
+      'log_every': check_positive_int,
+      'eval_every_epochs': check_positive_int,
+      'sample_every_epochs': check_positive_int,
+      'checkpoint_every_steps': check_positive_int,
       # 0 keeps every checkpoint (orbax max_to_keep=None).
-      'keep_checkpoints': lambda w, v: _int(w, v, 0, 'an integer >= 0 (0 = keep all)'),
-      'max_nonfinite_in_row': _positive_int,
+      'keep_checkpoints': lambda w, v: check_int(w, v, 0, 'an integer >= 0 (0 = keep all)'),
+      'max_nonfinite_in_row': check_positive_int,
       'best_metric': _best_metric,
       'num_steps': _num_steps,
   }
@@ -295,13 +177,13 @@ class TrainSettings(_Checked):
 
 
 def _num_examples(where, value):
-  if not (_is_int(value) and (value == -1 or value >= 1)):
-    _fail(where, '-1 (the whole split) or a positive integer', value)
+  if not (is_int(value) and (value == -1 or value >= 1)):
+    fail(where, '-1 (the whole split) or a positive integer', value)
   return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSettings(_Checked):
+class EvalSettings(Checked):
   """config.eval: test bits/dim (--mode eval, and the periodic one-sample evaluation during
   training) and which parameters every mode evaluates or samples from (`use_ema`: the EMA
   parameters where the run kept them)."""
@@ -313,17 +195,17 @@ class EvalSettings(_Checked):
 
   SECTION = 'eval'
   _CHECKS = {
-      'batch_size': _positive_int,
-      'k': lambda w, v: _int(w, v, 1, 'a positive integer (importance samples of the IWBO)'),
-      'k_chunk': _positive_int,
-      'use_ema': _bool,
+      'batch_size': check_positive_int,
+      'k': lambda w, v: check_int(w, v, 1, 'a positive integer (importance samples of the IWBO)'),
+      'k_chunk': check_positive_int,
+      'use_ema': check_bool,
       # 0 examples has no mean; data.iterate_eval checks the split holds enough.
       'num_examples': _num_examples,
   }
 
 
 @dataclasses.dataclass(frozen=True)
-class SampleSettings(_Checked):
+class SampleSettings(Checked):
   """config.sample: `num` samples at `temperature` (--mode sample, and the sample grids
   during training), drawn `batch_size` at a time (also --mode sweep's batch)."""
   num: int
@@ -332,11 +214,11 @@ class SampleSettings(_Checked):
 
   SECTION = 'sample'
   _CHECKS = {
-      'num': lambda w, v: _int(w, v, 1, 'at least 1'),
-      'temperature': lambda w, v: _number(
+      'num': lambda w, v: check_int(w, v, 1, 'at least 1'),
+      'temperature': lambda w, v: check_number(
           w, v, lambda x: x > 0, 'positive',
           ' (1.0 is the model; 0.7 is a common choice for nicer samples)'),
-      'batch_size': _positive_int,
+      'batch_size': check_positive_int,
   }
 
 
@@ -344,9 +226,9 @@ class SampleSettings(_Checked):
 
 
 def _indices(where, value):
-  indices = _sequence(where, value, 'a list of test indices, as pairs (i0, i1, i2, i3, ...)')
+  indices = check_sequence(where, value, 'a list of test indices, as pairs (i0, i1, i2, i3, ...)')
   for i in indices:
-    _int(where, i, 0, 'test indices: integers >= 0')
+    check_int(where, i, 0, 'test indices: integers >= 0')
   if len(indices) % 2:
     raise ConfigError(f'{where} must hold pairs of test indices (an even number), got '
                       f'{len(indices)}: {indices}')
@@ -354,10 +236,10 @@ def _indices(where, value):
 
 
 def _temperatures(where, value):
-  temperatures = _sequence(where, value, 'a list of numbers')
+  temperatures = check_sequence(where, value, 'a list of numbers')
   if not temperatures:
     raise ConfigError(f'{where} is empty; give at least one, e.g. (0.0, 0.5, 1.0)')
-  bad = [t for t in temperatures if not (_is_number(t) and t >= 0)]
+  bad = [t for t in temperatures if not (is_number(t) and t >= 0)]
   if bad:
     raise ConfigError(f'{where} must be finite and >= 0 (0 is the mode, 1 the model), got '
                       f'{bad}')
@@ -365,7 +247,7 @@ def _temperatures(where, value):
 
 
 @dataclasses.dataclass(frozen=True)
-class LatentSettings(_Checked):
+class LatentSettings(Checked):
   """config.latent: --mode interpolate (pairs of test images: `indices`, or the first
   2 * `num_pairs`; `steps` points by `method`), reconstruct (the first `num_images` test
   images) and sweep (one grid row per entry of `temperatures`); `num_per_row` images per
@@ -381,13 +263,13 @@ class LatentSettings(_Checked):
 
   SECTION = 'latent'
   _CHECKS = {
-      'num_pairs': lambda w, v: _int(w, v, 1),
+      'num_pairs': lambda w, v: check_int(w, v, 1),
       'indices': _indices,
-      'steps': lambda w, v: _int(w, v, 2),
-      'method': lambda w, v: _choice(w, v, LATENT_METHODS),
-      'num_images': lambda w, v: _int(w, v, 1),
+      'steps': lambda w, v: check_int(w, v, 2),
+      'method': lambda w, v: check_choice(w, v, LATENT_METHODS),
+      'num_images': lambda w, v: check_int(w, v, 1),
       'temperatures': _temperatures,
-      'num_per_row': lambda w, v: _int(w, v, 1),
+      'num_per_row': lambda w, v: check_int(w, v, 1),
   }
 
 
@@ -399,12 +281,12 @@ def _splits(where, value):
   ok = isinstance(splits, (list, tuple)) and splits and all(
       isinstance(s, str) and s for s in splits) and len(set(splits)) == len(splits)
   if not ok:
-    _fail(where, "distinct split names such as ('train', 'test')", value)
+    fail(where, "distinct split names such as ('train', 'test')", value)
   return tuple(splits)
 
 
 @dataclasses.dataclass(frozen=True)
-class FidSettings(_Checked):
+class FidSettings(Checked):
   """config.fid: FID of `num_samples` samples at `temperature` against each of `splits`,
   `batch_size` images per Inception pass, data statistics cached in `stats_dir` ('' =
   WORKDIR/fid_stats). Whether `inception_weights` exists is checked by
@@ -419,14 +301,14 @@ class FidSettings(_Checked):
   SECTION = 'fid'
   _CHECKS = {
       # A covariance needs two rows.
-      'num_samples': lambda w, v: _int(
+      'num_samples': lambda w, v: check_int(
           w, v, 2, 'an integer >= 2 (a covariance needs two samples; the paper uses 50000)'),
-      'temperature': lambda w, v: _number(w, v, lambda x: x > 0, 'positive',
+      'temperature': lambda w, v: check_number(w, v, lambda x: x > 0, 'positive',
                                           " (the paper's FID is at 1.0)"),
-      'batch_size': _positive_int,
-      'inception_weights': _str,
+      'batch_size': check_positive_int,
+      'inception_weights': check_str,
       'splits': _splits,
-      'stats_dir': _str,
+      'stats_dir': check_str,
   }
 
 
@@ -435,13 +317,13 @@ class FidSettings(_Checked):
 
 def _dataset(where, value):
   if not (isinstance(value, str) and value):
-    _fail(where, "a data set name: 'digits', 'npz', 'folder' or a TFDS name such as "
+    fail(where, "a data set name: 'digits', 'npz', 'folder' or a TFDS name such as "
           "'cifar10'", value)
   return value
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSettings(_Checked):
+class DataSettings(Checked):
   """config.data, field by field. Which fields the chosen data set reads (data.source only
   for 'npz' / 'folder', data.tfds_data_dir only for TFDS), whether the files exist and hold
   the configured images stay in data.load_split: they need the loader's knowledge and the
@@ -456,12 +338,12 @@ class DataSettings(_Checked):
   SECTION = 'data'
   _CHECKS = {
       'dataset': _dataset,
-      'source': _str,
-      'tfds_data_dir': _str,
-      'augmentation': lambda w, v: _choice(w, v, AUGMENTATIONS),
-      'worker_count': lambda w, v: _int(w, v, 0, 'an integer >= 0 (0 = no worker processes)'),
+      'source': check_str,
+      'tfds_data_dir': check_str,
+      'augmentation': lambda w, v: check_choice(w, v, AUGMENTATIONS),
+      'worker_count': lambda w, v: check_int(w, v, 0, 'an integer >= 0 (0 = no worker processes)'),
       # data used to turn 0 or less into 1 silently.
-      'prefetch': _positive_int,
+      'prefetch': check_positive_int,
   }
 
 

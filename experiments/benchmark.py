@@ -55,7 +55,7 @@ def main(argv):
   import numpy as np
 
   import flax
-  from denseflow_jax import evaluate, model as model_lib, sharding, train
+  from denseflow_jax import evaluate, model as model_lib, sharding, train_step
   from denseflow_jax.settings import TrainSettings
   from denseflow_jax.spec import spec_from_config
   from flops import count_flops
@@ -79,14 +79,14 @@ def main(argv):
             'jax': jax.__version__, 'flax': flax.__version__, 'python': platform.python_version()}
 
   settings = TrainSettings.from_config(config)
-  init, to_state = train.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
+  init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
   variables = init(key, x)
 
   if not _SKIP_TRAIN.value:
-    step = train.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
+    step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
     state = to_state(variables)
     result['flops_per_image'] = count_flops(
-        train.train_step_fn(model, settings.step_settings(1000)),
+        train_step.train_step_fn(model, settings.step_settings(1000)),
         state, x, key) / batch
     start = time.perf_counter()
     compiled = step.lower(state, x, key).compile()

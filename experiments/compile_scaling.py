@@ -26,7 +26,7 @@ def main(argv):
   del argv
   import jax
   import numpy as np
-  from denseflow_jax import sharding, train
+  from denseflow_jax import sharding, train_step
   from denseflow_jax.settings import TrainSettings
   from denseflow_jax.spec import spec_from_config
 
@@ -40,9 +40,9 @@ def main(argv):
     x = sharding.global_batch(np.zeros((_BATCH.value, *spec.image_shape), np.uint8), mesh)
     key = jax.random.PRNGKey(0)
     settings = TrainSettings.from_config(config)
-    init, to_state = train.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
+    init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
     state = to_state(init(key, x))
-    step = train.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
+    step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
     start = time.perf_counter()
     lowered = step.lower(state, x, key)
     lower_s = time.perf_counter() - start

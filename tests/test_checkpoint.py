@@ -12,6 +12,7 @@ from configs import default
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import train
+from denseflow_jax import train_step
 from denseflow_jax.settings import TrainSettings
 
 
@@ -49,8 +50,8 @@ def assert_trees_equal(a, b):
 def fake_state(variables, ema=True, step=3):
   """A TrainState with a real optax Adamax state (namedtuples) and counters."""
   settings = TrainSettings.from_config(default.get_config()).step_settings(5)
-  tx = train.make_optimizer(dataclasses.replace(settings, grad_clip=1.0))
-  state = train.create_train_state(variables, tx, ema=ema, step=step)
+  tx = train_step.make_optimizer(dataclasses.replace(settings, grad_clip=1.0))
+  state = train_step.create_train_state(variables, tx, ema=ema, step=step)
   return state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state),
                        skipped_total=jnp.asarray(2, jnp.int32))
 
@@ -108,7 +109,7 @@ def test_train_checkpoint_round_trip_and_retention(tmp_path):
   assert checkpointer.all_steps() == [4, 6]
   abstract = jax.eval_shape(lambda: fake_state(variables))
   state, data_state, meta = checkpointer.restore(6, abstract)
-  assert isinstance(state, train.TrainState)
+  assert isinstance(state, train_step.TrainState)
   assert_trees_equal(jax.device_get(state), jax.device_get(states[6]))
   assert data_state == {'step': 6, 'format': 'x'}
   assert meta['phase'] == 'pretrain' and meta['step'] == 6

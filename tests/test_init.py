@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from denseflow_jax import model as model_lib
-from denseflow_jax import train
+from denseflow_jax import train_step
 from denseflow_jax.convert import flax_location
 from denseflow_jax.flows.squeeze import squeeze
 from denseflow_jax.model import DenseFlow
@@ -50,7 +50,7 @@ def first_pass(official):
   def init_and_loss(key, x):
     noise = model_lib.draw_noise(spec, jax.random.fold_in(key, 1), x.shape[0])
     variables = model_lib.init_variables(model, key, x, noise)
-    loss, _ = train.train_loss(model, variables['params'], variables['batch_stats'], x, noise)
+    loss, _ = train_step.train_loss(model, variables['params'], variables['batch_stats'], x, noise)
     return variables, loss
 
   init_and_loss = jax.jit(init_and_loss)

@@ -1,6 +1,7 @@
-"""The package's import structure: no import cycle between its modules, imports only at the
-top of a file (except optional dependencies, imported where they are needed), and a
-docstring in every module. Checked on the source with `ast`; nothing is imported."""
+"""The package's layout: no import cycle between its modules, imports only at the top of a
+file (except optional dependencies, imported where they are needed), a docstring in every
+module, no module over ~400 lines (the Inception network excepted: one architecture) and
+no function over ~80. Checked on the source with `ast`; nothing is imported."""
 import ast
 import collections
 import pathlib
@@ -11,6 +12,9 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'denseflow_jax'
 # Optional dependencies: imported lazily, inside the function that needs them.
 OPTIONAL = {'torch', 'tensorflow', 'tensorflow_datasets', 'sklearn'}
+MAX_MODULE_LINES = 410          # '~400'
+MAX_FUNCTION_LINES = 80
+LONG_MODULES = {'denseflow_jax.inception'}   # InceptionV3's blocks, kept in one file
 
 
 def modules(root: pathlib.Path) -> Dict[str, pathlib.Path]:
@@ -87,6 +91,20 @@ def test_the_package_has_no_import_cycle():
 @pytest.mark.parametrize('name', sorted(modules(PACKAGE)))
 def test_imports_are_at_the_top_except_optional_dependencies(name):
   assert misplaced_imports(modules(PACKAGE)[name]) == []
+
+
+def test_modules_and_functions_fit_on_a_few_screens():
+  long_modules = {name: len(path.read_text().splitlines()) for name, path in modules(PACKAGE).items()
+                  if name not in LONG_MODULES}
+  assert {n: k for n, k in long_modules.items() if k > MAX_MODULE_LINES} == {}
+  long_functions = {}
+  for name, path in modules(PACKAGE).items():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        length = node.end_lineno - node.lineno + 1
+        if length > MAX_FUNCTION_LINES:
+          long_functions[f'{name}.{node.name}'] = length
+  assert long_functions == {}
 
 
 def test_every_module_has_a_docstring():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from denseflow_jax import train
+from denseflow_jax import train_step
 from denseflow_jax.convert import convert_state_dict
 from denseflow_jax.errors import ConvertError
 from denseflow_jax.flows.dequantization import dequantization_inverse
@@ -137,7 +137,7 @@ def our_train_step(reference):
   spec, _, io, variables, _ = reference
   model = DenseFlow(spec)
   grad_fn = jax.jit(jax.value_and_grad(
-      lambda p, s, x, n: train.train_loss(model, p, s, x, n), has_aux=True))
+      lambda p, s, x, n: train_step.train_loss(model, p, s, x, n), has_aux=True))
   (loss, batch_stats), grads = grad_fn(variables['params'], variables['batch_stats'],
                                        nhwc(io['x_nchw']), _noise(io, 'log_prob_noise'))
   return float(loss), jax.device_get(batch_stats), jax.device_get(grads)

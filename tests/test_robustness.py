@@ -24,6 +24,7 @@ from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import sharding
 from denseflow_jax import metrics_log
 from denseflow_jax import train
+from denseflow_jax import train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 12
@@ -195,7 +196,7 @@ def test_nonfinite_steps_are_logged_and_never_checkpointed(tmp_path):
   config = make_config(str(tmp_path / 'digits.npz'))
   spec = train.spec_from_config(config.model)
   mesh = sharding.make_mesh()
-  init, _ = train.make_state_init(spec, TrainSettings.from_config(config), mesh,
+  init, _ = train_step.make_state_init(spec, TrainSettings.from_config(config), mesh,
                                   data_lib.steps_per_epoch(config))
   batch = next(data_lib.make_train_iterator(config))
   variables = jax.tree.map(np.array, jax.device_get(

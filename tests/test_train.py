@@ -2,7 +2,7 @@
 
 Every test shares one tiny model, one data set (48 digits, 3 steps per epoch) and one set
 of training settings, so the train step compiles once for the 8-device mesh (cached in
-train.make_train_step) and once for the 1-device comparison.
+train_step.make_train_step) and once for the 1-device comparison.
 """
 import dataclasses
 import json
@@ -22,6 +22,7 @@ from denseflow_jax import metrics_log
 from denseflow_jax import modes
 from denseflow_jax import sharding
 from denseflow_jax import train
+from denseflow_jax import train_step
 from denseflow_jax.data import sources as data_sources
 from denseflow_jax.settings import StepSettings, TrainSettings
 from denseflow_jax.model import DenseFlow, draw_noise
@@ -87,20 +88,20 @@ def compiled(digits_npz):
   iterator = data_lib.make_train_iterator(c)
   batches = [next(iterator) for _ in range(2)]
   settings = TrainSettings.from_config(c)
-  init, to_state = train.make_state_init(spec, settings, mesh8, spe)
+  init, to_state = train_step.make_state_init(spec, settings, mesh8, spe)
   variables = jax.device_get(init(jax.random.PRNGKey(0), sharding.global_batch(batches[0], mesh8)))
   return {'config': c, 'spec': spec, 'spe': spe, 'mesh8': mesh8, 'mesh1': mesh1,
           'batches': batches, 'variables': variables, 'to_state': to_state,
           'settings': settings,
-          'step8': train.make_train_step(spec, settings, mesh8, spe),
-          'step1': train.make_train_step(spec, settings, mesh1, spe)}
+          'step8': train_step.make_train_step(spec, settings, mesh8, spe),
+          'step1': train_step.make_train_step(spec, settings, mesh1, spe)}
 
 
 def state_on(compiled, mesh, variables=None, **replace):
   variables = compiled['variables'] if variables is None else variables
   rep = sharding.replicated(mesh)
   to_state = compiled['to_state'] if mesh is compiled['mesh8'] else jax.jit(
-      lambda v: train.create_train_state(v, train.make_optimizer(
+      lambda v: train_step.create_train_state(v, train_step.make_optimizer(
           compiled['settings'].step_settings(compiled['spe'])), ema=True),
       out_shardings=rep)
   state = to_state(jax.device_put(variables, rep))
@@ -127,13 +128,13 @@ def step_settings(steps_per_epoch, **changes):
 
 def test_lr_schedule_matches_closed_form():
   settings = step_settings(10, lr=1e-3, warmup_steps=5, gamma=0.9)
-  schedule = train.make_lr_schedule(settings)
+  schedule = train_step.make_lr_schedule(settings)
   for step in (0, 1, 3, 5, 9, 10, 19, 20, 37, 1000):
     want = 1e-3 * min(1.0, step / 5) * 0.9 ** (step // 10)
     assert math.isclose(float(schedule(step)), want, rel_tol=1e-6, abs_tol=1e-12), step
-  no_warmup = train.make_lr_schedule(step_settings(4, lr=2e-3, warmup_steps=0, gamma=0.5))
+  no_warmup = train_step.make_lr_schedule(step_settings(4, lr=2e-3, warmup_steps=0, gamma=0.5))
   assert [float(no_warmup(s)) for s in (0, 3, 4, 8)] == pytest.approx([2e-3, 2e-3, 1e-3, 5e-4])
-  finetune = train.make_lr_schedule(step_settings(10, phase='finetune', finetune_lr=2e-5,
+  finetune = train_step.make_lr_schedule(step_settings(10, phase='finetune', finetune_lr=2e-5,
                                                   warmup_steps=5))
   assert [float(finetune(s)) for s in (0, 7, 5000)] == pytest.approx([2e-5] * 3)
 
@@ -149,7 +150,7 @@ def test_settings_from_default_config():
 def test_batch_not_divisible_over_devices(config, tmp_path):
   config.train.batch_size = 12
   with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
-    train.make_train_step(spec_from_config(config.model), TrainSettings.from_config(config),
+    train_step.make_train_step(spec_from_config(config.model), TrainSettings.from_config(config),
                           sharding.make_mesh(), 3)
   with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
     train.train_and_evaluate(config, tmp_path / 'run')
@@ -217,7 +218,7 @@ def test_steps_follow_torch_adamax_and_the_warmup(compiled):
   model = DenseFlow(spec)
   key = jax.random.PRNGKey(3)
   grad_fn = jax.jit(lambda p, s, x, k: jax.grad(
-      lambda p: train.train_loss(model, p, s, x, draw_noise(spec, k, x.shape[0])), has_aux=True)(p))
+      lambda p: train_step.train_loss(model, p, s, x, draw_noise(spec, k, x.shape[0])), has_aux=True)(p))
   state = state_on(compiled, mesh)
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), compiled['variables']['params'])
   batch_stats = compiled['variables']['batch_stats']
