@@ -41,9 +41,8 @@ from denseflow_jax import main as main_lib
 from denseflow_jax import modes
 from denseflow_jax import train
 from denseflow_jax.errors import ConfigError
+from helpers import fake_state, random_variables, tiny_config
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_checkpoint import fake_state, random_variables, tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

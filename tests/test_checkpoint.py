@@ -1,59 +1,16 @@
 """Tests of denseflow_jax.checkpoint (no model compilation: arrays made by hand)."""
-import dataclasses
 import json
 import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from configs import default
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import train
 from denseflow_jax import train_step
-from denseflow_jax.settings import TrainSettings
-
-
-def tiny_config():
-  c = default.get_config()
-  c.model.image_shape = (8, 8, 1)
-  c.model.num_bits = 5
-  c.model.block_config = (2,)
-  c.model.layers_config = (1,)
-  c.model.mid_channels = (8,)
-  c.model.growth_rate = 2
-  c.data.dataset = 'digits'
-  c.train.batch_size = 16
-  return c
-
-
-def random_variables(seed=0, batch_stats=True):
-  rng = np.random.default_rng(seed)
-  variables = {'params': {'prior': {'loc': rng.normal(size=6).astype(np.float32),
-                                    'log_scale': rng.normal(size=6).astype(np.float32)},
-                          'blocks_0': {'unit_0': {'kernel': rng.normal(size=(1, 3, 3, 2, 8))
-                                                  .astype(np.float32)}}}}
-  variables['batch_stats'] = ({'blocks_0': {'mean': rng.normal(size=8).astype(np.float32)}}
-                              if batch_stats else {})
-  return variables
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert np.asarray(x).dtype == np.asarray(y).dtype
-    np.testing.assert_array_equal(x, y)
-
-
-def fake_state(variables, ema=True, step=3):
-  """A TrainState with a real optax Adamax state (namedtuples) and counters."""
-  settings = TrainSettings.from_config(default.get_config()).step_settings(5)
-  tx = train_step.make_optimizer(dataclasses.replace(settings, grad_clip=1.0))
-  state = train_step.create_train_state(variables, tx, ema=ema, step=step)
-  return state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state),
-                       skipped_total=jnp.asarray(2, jnp.int32))
+from helpers import assert_trees_equal, fake_state, random_variables, tiny_config
 
 
 @pytest.mark.parametrize('batch_stats', [True, False])

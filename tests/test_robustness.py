@@ -18,13 +18,17 @@ import time
 import jax
 import numpy as np
 import pytest
+from sklearn.datasets import load_digits
 
-from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import data as data_lib
+from denseflow_jax import errors
 from denseflow_jax import sharding
 from denseflow_jax import metrics_log
 from denseflow_jax import train
 from denseflow_jax import train_step
+from denseflow_jax.settings import TrainSettings
+from helpers import train_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 12
@@ -186,14 +190,9 @@ def test_nonfinite_steps_are_logged_and_never_checkpointed(tmp_path):
   """Every step non-finite but fewer than train.max_nonfinite_in_row: each skipped update
   is logged with its step, and the checkpoint at step 2 is refused (the parameters are not
   finite), so no checkpoint ever holds a non-finite value."""
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-  from sklearn.datasets import load_digits   # pylint: disable=g-import-not-at-top
-  from test_train import make_config          # the same tiny model: compiled once per session
-  from denseflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from denseflow_jax.settings import TrainSettings  # pylint: disable=g-import-not-at-top
   images = load_digits().images.astype(np.uint8)[:, :, :, None]
   np.savez(tmp_path / 'digits.npz', train=images[:48], test=images[48:64])
-  config = make_config(str(tmp_path / 'digits.npz'))
+  config = train_config(str(tmp_path / 'digits.npz'))   # test_train's model: compiled once
   spec = train.spec_from_config(config.model)
   mesh = sharding.make_mesh()
   init, _ = train_step.make_state_init(spec, TrainSettings.from_config(config), mesh,
