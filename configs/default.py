@@ -61,6 +61,8 @@ def get_config():
   t.sample_every_epochs = 10
   t.checkpoint_every_steps = 2000
   t.keep_checkpoints = 3
+  # A step with a non-finite loss or gradient changes nothing; the run stops at the next log
+  # line, evaluation or checkpoint after this many such steps in a row.
   t.max_nonfinite_in_row = 10
   t.best_metric = 'test_bpd'           # kept in WORKDIR/best when it improves (lower is better)
   t.num_steps = -1                     # > 0 stops after this many steps (tests, smoke runs)
