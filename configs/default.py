@@ -74,6 +74,9 @@ def get_config():
   e.k_chunk = 50                       # samples per pass
   e.use_ema = True
   e.num_examples = -1                  # -1 = whole test split
+  e.which = 'latest'                   # every mode that loads a model: the latest checkpoint
+                                       # of --workdir, or 'best' (WORKDIR/best: the best
+                                       # periodic test bits/dim during training)
 
   # ---- sampling ----
   s = config.sample = ml_collections.ConfigDict()

@@ -43,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from denseflow_jax import model as model_lib
-from denseflow_jax.errors import CheckpointError
+from denseflow_jax.errors import CheckpointError, ConfigError
 from denseflow_jax.files import write_json_atomic
 from denseflow_jax.state_dict import flatten, report_mismatches
 
@@ -51,6 +51,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 VARIABLES_DIR = 'variables'
 CONFIG_FILE = 'config.json'
 METADATA_FILE = 'metadata.json'
+BEST_DIR = 'best'                # WORKDIR/best: the variables at the best periodic test bpd
 ORBAX_METADATA_FILE = '_CHECKPOINT_METADATA'
 TRAIN_ITEMS = ('state', 'data', 'config', 'meta')
 FORMAT = 'denseflow_jax.checkpoint/1'
@@ -319,6 +320,12 @@ def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = Fa
       naming the differing fields otherwise).
     use_ema: for a training workdir, return the EMA parameters where the run kept them.
   """
+  return _read_variables(directory, config, use_ema)[0]
+
+
+def _read_variables(directory, config, use_ema: bool):
+  """(variables, {'step', 'parameters'}) of :func:`load_variables`: the training step they
+  are from and 'ema' or 'raw' (None where the checkpoint does not say)."""
   directory = pathlib.Path(directory).resolve()
   if not directory.exists():
     raise CheckpointError(f'checkpoint {directory} does not exist; set --config.checkpoint '
@@ -332,32 +339,55 @@ def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = Fa
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
       variables = checkpointer.restore(directory / VARIABLES_DIR, args=ocp.args.StandardRestore(
           fallback_sharding=_local_fallback_sharding()))
+    metadata = read_metadata(directory)
+    info = {'step': metadata.get('step'), 'parameters': metadata.get('parameters')}
   else:
     checkpointer = _workdir_checkpointer(directory)
-    state = checkpointer.restore_raw_state(checkpointer.latest_step())
-    params = state['params']
-    if use_ema and state.get('ema_params') is not None:
-      params = state['ema_params']
+    step = checkpointer.latest_step()
+    state = checkpointer.restore_raw_state(step)
+    ema = use_ema and state.get('ema_params') is not None
+    params = state['ema_params'] if ema else state['params']
     variables = {'params': params, 'batch_stats': state.get('batch_stats') or {}}
+    info = {'step': int(step), 'parameters': 'ema' if ema else 'raw'}
   variables = _plain(variables)
   variables.setdefault('batch_stats', {})
-  return jax.tree.map(np.asarray, variables)
+  return jax.tree.map(np.asarray, variables), info
 
 
-def load_model(config, workdir, use_ema: bool):
-  """(model, variables, source) for every mode that runs a trained model: the model of
-  ``config.model`` and the variables of ``config.checkpoint`` (e.g. a converted official
-  model) when set, else of the workdir's latest checkpoint (its EMA parameters when
-  ``use_ema`` and the run kept them); source is the directory they came from."""
+def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
+  """(model, variables, loaded) for every mode that runs a trained model.
+
+  The variables are those of ``config.checkpoint`` (e.g. a converted official model) when
+  set; else, with ``which='latest'``, the workdir's latest checkpoint (its EMA parameters
+  when ``use_ema`` and the run kept them); with ``which='best'``, WORKDIR/best (what
+  training saved at its best periodic test bits/dim, EMA or raw as ``eval.use_ema`` was
+  during training). ``loaded`` says what was read, for the result files: ``{'checkpoint':
+  directory, 'which': 'latest' | 'best' | 'config.checkpoint', 'step': training step,
+  'parameters': 'ema' | 'raw'}`` (step and parameters None where the checkpoint does not
+  say)."""
+  if config.checkpoint and which == 'best':
+    raise ConfigError(
+        f'--config.eval.which=best reads {os.path.join(workdir, BEST_DIR)}, but '
+        f'--config.checkpoint={config.checkpoint} names other variables: drop one of the two')
   model = model_lib.make_model(config.model)
-  source = config.checkpoint or workdir
-  if not config.checkpoint and not holds_model(workdir):
-    raise CheckpointError(
-        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
-        f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
-        '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
-  variables = load_variables(source, config, use_ema=use_ema)
-  return model, variables, source
+  if config.checkpoint:
+    source, which = config.checkpoint, 'config.checkpoint'
+  elif which == 'best':
+    source = os.path.join(workdir, BEST_DIR)
+    if not holds_model(source):
+      raise CheckpointError(
+          f'no best model in {os.path.abspath(source)}: training writes it when a periodic '
+          'test bits/dim improves (train.eval_every_epochs). Use --config.eval.which=latest '
+          'for the latest checkpoint')
+  else:
+    source = workdir
+    if not holds_model(workdir):
+      raise CheckpointError(
+          f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
+          f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
+          '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
+  variables, info = _read_variables(source, config, use_ema)
+  return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info}
 
 
 def check_variables(variables: Mapping, abstract: Mapping, where: str) -> None:

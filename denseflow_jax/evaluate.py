@@ -32,7 +32,7 @@ from PIL import Image
 import tqdm
 
 from denseflow_jax import data
-from denseflow_jax.files import atomic_write, write_json_atomic, write_npz_atomic
+from denseflow_jax.files import atomic_write, unused_stem, write_json_atomic, write_npz_atomic
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, draw_sample_noise
 from denseflow_jax.settings import EvalSettings
@@ -218,8 +218,9 @@ def reconstruction_error(model: DenseFlow, variables, x, key) -> float:
 # ---------------------------------------------------------------- files
 
 def write_eval_json(workdir, result: Dict[str, Any], name: str = 'eval') -> str:
-  """Writes `workdir/eval_<name>.json` atomically; returns its path."""
-  path = os.path.join(os.fspath(workdir), f'eval_{name}.json')
+  """Writes `workdir/eval_<name>.json` atomically (`eval_<name>-2.json`, ... where it
+  exists: an earlier result is never replaced); returns its path."""
+  path = unused_stem(os.path.join(os.fspath(workdir), f'eval_{name}'), ('.json',)) + '.json'
   write_json_atomic(path, result)
   return path
 

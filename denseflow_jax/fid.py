@@ -40,7 +40,7 @@ import tqdm
 from denseflow_jax import data, inception
 from denseflow_jax.errors import ConfigError, FIDError
 from denseflow_jax.evaluate import iterate_samples, to_display
-from denseflow_jax.files import write_json_atomic, write_npz_atomic
+from denseflow_jax.files import unused_stem, write_json_atomic, write_npz_atomic
 from denseflow_jax.settings import FidSettings
 
 SINGULAR_EPS = 1e-6
@@ -213,8 +213,8 @@ def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
   ``FidSettings.from_config(config)``); writes WORKDIR/fid_T<temperature>_n<num>.json and
   returns its contents.
 
-  load_model(config, workdir) -> (model, variables, checkpoint source) runs after the
-  Inception weights are checked (modes passes the loader `--mode eval` uses); feature_fn
+  load_model(config, workdir) -> (model, variables, loaded) (checkpoint.load_model) runs after
+  the Inception weights are checked (modes passes the loader `--mode eval` uses); feature_fn
   (uint8 [B, H, W, C] in 0..255 -> [B, D]) defaults to the FID Inception of
   fid.inception_weights, and feature_id (part of the cache names) to its digest.
   """
@@ -225,7 +225,7 @@ def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
     feature_id = f'inception-{inception.weights_digest(weights)}'
   else:
     feature_id = feature_id or 'custom'
-  model, variables, checkpoint = load_model(config, workdir)
+  model, variables, loaded = load_model(config, workdir)
   stats_dir = settings.stats_dir or os.path.join(os.fspath(workdir), 'fid_stats')
   num, temperature = settings.num_samples, settings.temperature
 
@@ -243,14 +243,15 @@ def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
       'fid': {split: frechet_distance(mu, sigma, r[0], r[1]) for split, r in references.items()},
       'num_samples': num,
       'temperature': temperature,
-      'checkpoint': os.fspath(checkpoint) if checkpoint is not None else None,
+      **loaded,
       'reference': {split: {'num_images': r[2], 'stats': r[3], 'cache_hit': r[4]}
                     for split, r in references.items()},
       'feature_id': feature_id,
       'seed': int(config.seed),
       'seconds': time.perf_counter() - start_time,
   }
-  path = os.path.join(os.fspath(workdir), f'fid_T{temperature:g}_n{num}.json')
+  path = unused_stem(os.path.join(os.fspath(workdir), f'fid_T{temperature:g}_n{num}'),
+                     ('.json',)) + '.json'
   write_json_atomic(path, result)
   for split, value in result['fid'].items():
     print(f'FID vs {split}: {value:.3f} ({num} samples at temperature {temperature:g})')

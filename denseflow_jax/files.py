@@ -53,3 +53,15 @@ def write_json_atomic(path, data) -> None:
 def write_npz_atomic(path, **arrays) -> None:
   """`np.savez(path, **arrays)`, atomically (see `atomic_write`)."""
   atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def unused_stem(stem, suffixes=('',)) -> str:
+  """``stem``, or ``stem-2``, ``stem-3``, ...: the first for which no ``stem + suffix`` exists,
+  so that a new result never replaces an earlier one (a file set such as .png + .npz
+  takes one number together)."""
+  stem, number = os.fspath(stem), 1
+  candidate = stem
+  while any(os.path.exists(candidate + suffix) for suffix in suffixes):
+    number += 1
+    candidate = f'{stem}-{number}'
+  return candidate

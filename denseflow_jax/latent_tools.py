@@ -30,6 +30,7 @@ latent units
 and t = 1 the weights are exactly (1, 0) and (0, 1), so the end points decode to the
 encoded images up to the flow's float32 reconstruction error.
 """
+import hashlib
 import os
 import time
 from typing import Callable
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from denseflow_jax import data, evaluate
-from denseflow_jax.files import write_json_atomic, write_npz_atomic
+from denseflow_jax.files import unused_stem, write_json_atomic, write_npz_atomic
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.errors import ConfigError
@@ -49,7 +50,7 @@ LATENT_DIR = 'latent'
 # Below this sin W the two latents are (anti)parallel: slerp is then linear or undefined.
 SLERP_MIN_SIN = 1e-6
 
-LoadModel = Callable   # (config, workdir) -> (model, variables, checkpoint source)
+LoadModel = Callable   # (config, workdir) -> (model, variables, loaded): checkpoint.load_model
 
 
 # ---------------------------------------------------------------- settings
@@ -162,7 +163,8 @@ def _out_dir(workdir):
 # ---------------------------------------------------------------- modes
 
 def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel):
-  """Interpolates between pairs of test images -> WORKDIR/latent/interpolate_<method>.png
+  """Interpolates between pairs of test images -> WORKDIR/latent/
+  interpolate_<method>_<pairs>.png (pairs: '0-1_2-3' for the test images 0 with 1, 2 with 3)
   (one row per pair, `steps` columns from image a to image b) and .npz with images
   (uint8 [P, steps, H, W, C]), continuous ([0, 1) float32, same shape), originals
   ([P, 2, H, W, C]), indices [P, 2], t [steps], weights [P, steps, 2] and method.
@@ -183,7 +185,8 @@ def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel
   images, continuous = images.reshape(shape), continuous.reshape(shape)
   originals = originals.reshape(len(pairs), 2, *originals.shape[1:])
 
-  stem = os.path.join(_out_dir(workdir), f'interpolate_{method}')
+  name = f'interpolate_{method}_{_pairs_name(pairs)}'
+  stem = unused_stem(os.path.join(_out_dir(workdir), name), ('.png', '.npz'))
   evaluate.save_sample_grid(stem + '.png', images.reshape(-1, *shape[2:]), model.spec.num_bits,
                             ncols=steps)
   write_npz_atomic(stem + '.npz', images=images, continuous=continuous, originals=originals,
@@ -194,6 +197,16 @@ def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel
         f'compilation); end points vs originals: max {int(ends.max())} levels, '
         f'{int(np.count_nonzero(ends))} values differ -> {stem}.png, {stem}.npz')
   return images
+
+
+def _pairs_name(pairs) -> str:
+  """The pairs in the interpolation's file name: '0-1_2-3' for (0, 1), (2, 3); from five
+  pairs on, their count and a digest of the indices ('50pairs-1a2b3c4d'; the .npz keeps
+  the indices)."""
+  pairs = np.asarray(pairs).tolist()
+  if len(pairs) <= 4:
+    return '_'.join(f'{a}-{b}' for a, b in pairs)
+  return f'{len(pairs)}pairs-' + hashlib.sha1(repr(pairs).encode()).hexdigest()[:8]
 
 
 def _alternating_rows(originals, reconstructions, per_row: int, num_bits: int):
@@ -210,15 +223,15 @@ def _alternating_rows(originals, reconstructions, per_row: int, num_bits: int):
 
 def reconstruct(config, settings: LatentSettings, workdir, load_model: LoadModel):
   """The first latent.num_images test images and inverse(encode(x)) -> WORKDIR/latent/
-  reconstruct.png (rows alternate: originals, then their reconstructions below them,
-  latent.num_per_row per row), reconstruct.npz (originals, reconstructions uint8;
-  continuous, continuous_reconstructed float32 [0, 1)) and reconstruct.json with the
-  maximum absolute error in uint8 levels and in continuous units and how many values
-  (and pixels: any channel) differ. Returns the JSON dict."""
+  reconstruct_n<num_images>.png (rows alternate: originals, then their reconstructions
+  below them, latent.num_per_row per row), .npz (originals, reconstructions uint8;
+  continuous, continuous_reconstructed float32 [0, 1)) and .json with the maximum absolute
+  error in uint8 levels and in continuous units, how many values (and pixels: any channel)
+  differ, and what was loaded. Returns the JSON dict."""
   source = _test_split(config)
   check_num_images(settings, len(source))
   num_images, per_row = settings.num_images, settings.num_per_row
-  model, variables, checkpoint = load_model(config, workdir)
+  model, variables, loaded = load_model(config, workdir)
   originals = np.stack([source[i] for i in range(num_images)])
   y, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(config.seed))
   y_rec, reconstructions = decode(model, variables, z, dropped)
@@ -231,22 +244,23 @@ def reconstruct(config, settings: LatentSettings, workdir, load_model: LoadModel
       'num_values': int(diff.size),
       'num_pixels_differ': int(np.count_nonzero(diff.max(axis=-1))),
       'num_pixels': int(diff[..., 0].size),
-      'checkpoint': os.fspath(checkpoint),
+      **loaded,
   }
-  out = _out_dir(workdir)
+  stem = unused_stem(os.path.join(_out_dir(workdir), f'reconstruct_n{num_images}'),
+                     ('.png', '.npz', '.json'))
   ncols = min(per_row, num_images)
   evaluate.save_sample_grid(
-      os.path.join(out, 'reconstruct.png'),
+      stem + '.png',
       _alternating_rows(originals, reconstructions, ncols, model.spec.num_bits),
       model.spec.num_bits, ncols=ncols)
-  write_npz_atomic(os.path.join(out, 'reconstruct.npz'), originals=originals,
+  write_npz_atomic(stem + '.npz', originals=originals,
                    reconstructions=reconstructions, continuous=y.astype(np.float32),
                    continuous_reconstructed=y_rec)
-  write_json_atomic(os.path.join(out, 'reconstruct.json'), result)
+  write_json_atomic(stem + '.json', result)
   print(f'reconstruction of {num_images} test images: max error {result["max_abs_error_levels"]} '
         f'levels, {result["max_abs_error_continuous"]:.3g} continuous; '
-        f'{result["num_pixels_differ"]} of {result["num_pixels"]} pixels differ -> {out}/'
-        'reconstruct.{png,npz,json}')
+        f'{result["num_pixels_differ"]} of {result["num_pixels"]} pixels differ -> '
+        f'{stem}.png, .npz, .json')
   return result
 
 
@@ -254,12 +268,13 @@ def sweep(config, settings: LatentSettings, workdir, load_model: LoadModel, batc
   """`evaluate.temperature_sweep_grid`: row t at latent.temperatures[t] (0 = the mode of
   every latent, so that row is one image repeated), column n with the noise of
   fold_in(PRNGKey(seed), n) in every row (the row at T = 1 is `--mode sample`'s first
-  images) -> WORKDIR/latent/temperature_sweep.png and .npz (images [T, n, H, W, C],
-  temperatures), sampled `batch_size` (sample.batch_size) at a time. Returns the images
-  [T * n, H, W, C]."""
+  images) -> WORKDIR/latent/temperature_sweep_T<t1-t2-...>_n<n>.png and .npz (images
+  [T, n, H, W, C], temperatures), sampled `batch_size` (sample.batch_size) at a time.
+  Returns the images [T * n, H, W, C]."""
   temperatures, per_row = settings.temperatures, settings.num_per_row
   model, variables, _ = load_model(config, workdir)
-  stem = os.path.join(_out_dir(workdir), 'temperature_sweep')
+  name = 'temperature_sweep_T' + '-'.join(f'{t:g}' for t in temperatures) + f'_n{per_row}'
+  stem = unused_stem(os.path.join(_out_dir(workdir), name), ('.png', '.npz'))
   images = evaluate.temperature_sweep_grid(model, variables, jax.random.PRNGKey(config.seed),
                                            stem + '.png', temperatures, per_row,
                                            batch_size=batch_size)

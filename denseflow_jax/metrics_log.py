@@ -1,13 +1,18 @@
 """What a training run records: the metrics window (sums kept on the device between log
 lines) and the log itself (WORKDIR/metrics.jsonl and TensorBoard scalars, process 0 only).
 
-One JSON object per line in metrics.jsonl, every line a metrics record with its 'step':
+One JSON object per line in metrics.jsonl, each with its 'step'. Metrics records (training
+and evaluation) and, between them, the story of the run as 'event' records (the lines the
+console prints when a run starts, resumes, is already finished, is interrupted or finishes):
 
+    {"event": "start", "message": "starting a new run in DIR: 200 steps (pretrain)", "step": 0}
     {"step": 100, "epoch": 0.5, "lr": 0.001, "train_bpd": 3.41, "img_per_s": 812.0,
      "grad_norm": 2.3, "skipped": 0, "skipped_steps": [], "skipped_total": 0}
     {"step": 200, "epoch": 1.0, "test_bpd": 3.38}
+    {"event": "finish", "message": "finished 200 steps in 95 s; ...", "step": 200}
 
-The same values go to TensorBoard as 'train/<name>' and 'eval/<name>'.
+The metrics go to TensorBoard as 'train/<name>' and 'eval/<name>'; events do not. To read
+only the metrics, skip the records that have an 'event' key (``read_metrics`` does).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import functools
 import json
 import pathlib
 import time
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +28,14 @@ from tensorboardX import SummaryWriter
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+EVENTS = ('start', 'resume', 'already_finished', 'interrupt', 'finish')
+
+
+def read_metrics(workdir) -> list:
+  """The metrics records of WORKDIR/metrics.jsonl, in order (event records left out)."""
+  path = pathlib.Path(workdir) / METRICS_FILE
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in records if 'event' not in r]
 
 
 def _zero_sums(capacity: int) -> dict:
@@ -95,16 +108,19 @@ class MetricsWindow:
 
 
 class MetricsLog:
-  """metrics.jsonl and TensorBoard scalars; writes nothing where ``enabled`` is False
-  (processes other than 0). A context manager: leaving it closes the TensorBoard writer.
+  """metrics.jsonl, TensorBoard scalars and the console lines of the run's story; writes and
+  prints nothing where ``enabled`` is False (processes other than 0). A context manager:
+  leaving it closes the TensorBoard writer. ``console`` prints a line (tqdm.write keeps
+  the progress bar intact).
 
   ``resume_step``: the step the run starts from. Records an interrupted run wrote after
   it are dropped from metrics.jsonl, and TensorBoard drops its events at later steps (not
   those at ``resume_step`` itself, which a rerun of a finished run would otherwise lose).
   """
 
-  def __init__(self, workdir: pathlib.Path, resume_step: Optional[int], enabled: bool):
-    self.enabled = enabled
+  def __init__(self, workdir: pathlib.Path, resume_step: Optional[int], enabled: bool,
+               console: Callable[[str], None] = print):
+    self.enabled, self._console = enabled, console
     self.path = pathlib.Path(workdir) / METRICS_FILE
     self.writer = None
     if not enabled:
@@ -123,12 +139,30 @@ class MetricsLog:
     if not self.enabled:
       return
     record = {k: (v.item() if hasattr(v, 'item') else v) for k, v in record.items()}
-    with self.path.open('a') as f:
-      f.write(json.dumps(record, sort_keys=True) + '\n')
+    self._append(record)
     for k, v in record.items():
       if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
         self.writer.add_scalar(f'{prefix}/{k}', v, record['step'])
     self.writer.flush()
+
+  def say(self, message: str) -> None:
+    """Prints ``message`` on the console (process 0 only)."""
+    if self.enabled:
+      self._console(message)
+
+  def event(self, step: int, event: str, message: str, echo: bool = True) -> None:
+    """One line of the run's story: printed (unless ``echo`` is False) and appended to
+    metrics.jsonl (not to TensorBoard)."""
+    if event not in EVENTS:
+      raise ValueError(f'unknown event {event!r}; one of {EVENTS}')
+    if echo:
+      self.say(message)
+    if self.enabled:
+      self._append({'step': int(step), 'event': event, 'message': message})
+
+  def _append(self, record: Mapping) -> None:
+    with self.path.open('a') as f:
+      f.write(json.dumps(record, sort_keys=True) + '\n')
 
   def close(self) -> None:
     if self.writer is not None:

@@ -20,6 +20,7 @@ from denseflow_jax import model as model_lib
 from denseflow_jax import train as train_lib
 from denseflow_jax.ablation import finalize_config
 from denseflow_jax.errors import ConfigError
+from denseflow_jax.files import unused_stem
 from denseflow_jax.settings import (DataSettings, EvalSettings, FidSettings, LatentSettings,
                                     RunSettings, SampleSettings, TrainSettings)
 from denseflow_jax.spec import spec_from_config
@@ -35,9 +36,16 @@ def summary(config, workdir=None):
 
 
 def _loader(eval_settings: EvalSettings):
-  """`load_model(config, workdir)` for latent_tools and fid: checkpoint.load_model with
-  eval.use_ema."""
-  return lambda config, workdir: checkpoint.load_model(config, workdir, eval_settings.use_ema)
+  """`load_model(config, workdir)` for every mode: checkpoint.load_model with eval.use_ema
+  and eval.which."""
+  return lambda config, workdir: checkpoint.load_model(config, workdir, eval_settings.use_ema,
+                                                       eval_settings.which)
+
+
+def _label(loaded) -> str:
+  """What was evaluated, for a file name: 'latest_ema', 'best_raw', 'checkpoint', ..."""
+  which = 'checkpoint' if loaded['which'] == 'config.checkpoint' else loaded['which']
+  return '_'.join(part for part in (which, loaded['parameters']) if part)
 
 
 # Every mode that loads a model reads eval.use_ema; those that read images read data.*.
@@ -48,7 +56,7 @@ def evaluate(config, workdir):
   run = RunSettings.from_config(config)
   DataSettings.from_config(config)
   settings = EvalSettings.from_config(config)
-  model, variables, source = checkpoint.load_model(config, workdir, settings.use_ema)
+  model, variables, loaded = _loader(settings)(config, workdir)
   key = jax.random.PRNGKey(run.seed)
   test = data.load_split(config, 'test')
   result = evaluate_lib.evaluate_dataset(model, variables, config, key, settings, source=test)
@@ -56,8 +64,9 @@ def evaluate(config, workdir):
                                              settings.num_examples, source=test)))  # first batch
   result['reconstruction_error'] = evaluate_lib.reconstruction_error(
       model, variables, images[mask], jax.random.fold_in(key, 10**6))
-  result['checkpoint'] = os.fspath(source)
-  path = evaluate_lib.write_eval_json(workdir, result, name=f'test_k{result["k"]}')
+  result.update(loaded, seed=run.seed)
+  path = evaluate_lib.write_eval_json(workdir, result,
+                                      name=f'test_k{result["k"]}_{_label(loaded)}')
   print(json.dumps(result, indent=1))
   print(f'wrote {path}')
   return result
@@ -69,7 +78,7 @@ def sample(config, workdir):
   eval_settings = EvalSettings.from_config(config)
   settings = SampleSettings.from_config(config)
   num, temperature = settings.num, settings.temperature
-  model, variables, _ = checkpoint.load_model(config, workdir, eval_settings.use_ema)
+  model, variables, loaded = _loader(eval_settings)(config, workdir)
   key = jax.random.PRNGKey(run.seed)
   start = time.perf_counter()
   images = evaluate_lib.sample_images(model, variables, key, num, temperature,
@@ -77,7 +86,8 @@ def sample(config, workdir):
   seconds = time.perf_counter() - start
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, f'samples_T{temperature:g}_n{num}')
+  stem = unused_stem(os.path.join(out_dir, f'samples_T{temperature:g}_n{num}'),
+                     ('.png', '.npz'))
   evaluate_lib.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits)
   evaluate_lib.save_samples_npz(stem + '.npz', images, temperature, seconds)
   print(f'{num} samples at temperature {temperature:g} in {seconds:.2f} s '

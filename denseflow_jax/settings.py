@@ -37,9 +37,7 @@ from denseflow_jax.errors import ConfigError
 PHASES = ('pretrain', 'finetune')
 OPTIMIZERS = ('adamax', 'adam')
 LATENT_METHODS = ('linear', 'slerp')
-# data.AUGMENTATIONS, repeated so that checking a config does not import the data
-# pipeline (grain); tests/test_settings.py checks that the two agree.
-AUGMENTATIONS = ('none', 'horizontal_flip', 'eta')
+AUGMENTATIONS = ('none', 'horizontal_flip', 'eta')     # data/augment.py implements them
 # JAX (without x64) keeps only the low 32 bits of a seed: 2**32 would silently repeat
 # seed 0. --mode train also uses seed + 1, which must stay below 2**32.
 SEED_LIMIT = 2 ** 32 - 1
@@ -192,6 +190,7 @@ class EvalSettings(Checked):
   k_chunk: int               # samples per pass: memory, not the result
   use_ema: bool
   num_examples: int          # the first this many test examples; -1 = all
+  which: str                 # 'latest' checkpoint of the workdir, or WORKDIR/'best'
 
   SECTION = 'eval'
   _CHECKS = {
@@ -201,6 +200,7 @@ class EvalSettings(Checked):
       'use_ema': check_bool,
       # 0 examples has no mean; data.iterate_eval checks the split holds enough.
       'num_examples': _num_examples,
+      'which': lambda w, v: check_choice(w, v, ('latest', 'best')),
   }
 
 

@@ -43,7 +43,6 @@ from denseflow_jax.train_step import (TrainState, all_finite, eval_variables, ma
 from denseflow_jax.spec import spec_from_config
 
 PRETRAINED_DIR = 'pretrained'
-BEST_DIR = 'best'
 
 
 # ---------------------------------------------------------------------------
@@ -96,7 +95,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       ckpt_lib.check_model_config(
           checkpointer.stored_config(latest), config, f'--workdir {workdir}',
           'Use a new --workdir for a different model (the old one is left untouched).')
-    elif config.get('checkpoint', ''):
+    elif config.checkpoint:
       ckpt_lib.check_model_config(
           ckpt_lib.read_config(config.checkpoint), config,
           f'config.checkpoint {config.checkpoint}',
@@ -111,14 +110,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                        iterator, eval_fn, sample_fn)
 
 
-def _start_message(workdir, checkpoints, phase, latest, start_step, total_steps) -> str:
-  """The first line a run prints: new, resumed, or already finished."""
+def _start_event(workdir, checkpoints, phase, latest, start_step, total_steps):
+  """(event, message): the first line a run prints, new, resumed or already finished."""
   if start_step >= total_steps:
-    return (f'already finished at step {start_step} of {total_steps}: nothing to do '
-            f'(checkpoints in {checkpoints}, metrics in {workdir / METRICS_FILE})')
+    return 'already_finished', (
+        f'already finished at step {start_step} of {total_steps}: nothing to do '
+        f'(checkpoints in {checkpoints}, metrics in {workdir / METRICS_FILE})')
   if latest is not None:
-    return f'resuming from step {start_step} of {total_steps} (checkpoint {checkpoints})'
-  return f'starting a new run in {workdir}: {total_steps} steps ({phase})'
+    return 'resume', f'resuming from step {start_step} of {total_steps} (checkpoint {checkpoints})'
+  return 'start', f'starting a new run in {workdir}: {total_steps} steps ({phase})'
 
 
 def _finish_message(workdir, checkpoints, step, seconds, best_metric, last_value, meta) -> str:
@@ -127,7 +127,8 @@ def _finish_message(workdir, checkpoints, step, seconds, best_metric, last_value
   if last_value is not None:
     parts.append(f'last {best_metric} {last_value:.4f}')
   if meta.get('best') is not None:
-    parts.append(f'best {meta["best"]:.4f} at step {meta.get("best_step")} ({workdir / BEST_DIR})')
+    parts.append(f'best {meta["best"]:.4f} at step {meta.get("best_step")} '
+                 f'({workdir / ckpt_lib.BEST_DIR})')
   return ('; '.join(parts) + f'; checkpoints in {checkpoints}, metrics in '
           f'{workdir / METRICS_FILE}, samples in {workdir / "samples"}')
 
@@ -176,7 +177,7 @@ def _initial_state(config, phase, workdir, checkpointer, latest, iterator, init_
     iterator.set_state(data_state)
     logging.info('resumed from %s step %d', checkpointer.directory, latest)
     return state, meta, None
-  if config.get('checkpoint', ''):
+  if config.checkpoint:
     variables = ckpt_lib.load_variables(config.checkpoint)
     ckpt_lib.check_variables(variables, abstract_variables, config.checkpoint)
     logging.info('starting from the variables in %s', config.checkpoint)
@@ -235,20 +236,22 @@ def _save(checkpointer, step, state, iterator, config, meta) -> None:
   checkpointer.save(step, state, iterator.get_state(), config, meta)
 
 
-def _evaluate(eval_fn, state, step, epoch, config, best_metric, use_ema, workdir, meta, log,
-              say) -> dict:
+def _evaluate(eval_fn, state, step, epoch, config, best_metric, use_ema, workdir, meta,
+              log) -> dict:
   """Runs eval_fn, logs and prints its results, and saves WORKDIR/best when the best metric
   improves (into ``meta``, which the next checkpoint stores)."""
   results = {k: float(v) for k, v in (eval_fn(state, step) or {}).items()}
   if not results:
     return results
   log.write({'step': step, 'epoch': epoch, **results}, 'eval')
-  say(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+  log.say(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
   value = results.get(best_metric)
   if value is not None and math.isfinite(value) and value < meta.get('best', math.inf):
     meta['best'], meta['best_step'] = value, step
-    ckpt_lib.save_variables(workdir / BEST_DIR, eval_variables(state, use_ema), config,
-                            {'step': step, best_metric: value})
+    ema = use_ema and state.ema_params is not None
+    ckpt_lib.save_variables(workdir / ckpt_lib.BEST_DIR, eval_variables(state, use_ema),
+                            config, {'step': step, best_metric: value,
+                                     'parameters': 'ema' if ema else 'raw'})
   return results
 
 
@@ -261,9 +264,7 @@ def _train_loop(config, t: TrainSettings, use_ema: bool, workdir, spec, mesh, ch
   init_key, train_key = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   batch_struct = jax.ShapeDtypeStruct((t.batch_size, *spec.image_shape), jnp.uint8)
   abstract_variables = jax.eval_shape(init_fn, init_key, batch_struct)
-  abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
-      jax.eval_shape(to_state_fn, abstract_variables))
+  abstract_state = _replicated_structs(jax.eval_shape(to_state_fn, abstract_variables), mesh)
 
   # ---- restore or initialise; plan the steps ----
   state, meta, first_batch = _initial_state(
@@ -273,20 +274,22 @@ def _train_loop(config, t: TrainSettings, use_ema: bool, workdir, spec, mesh, ch
   total, meta = _plan_phase(config, t, workdir, state, start_step, latest, meta, steps_per_epoch)
   plan = _Plan(total, steps_per_epoch, t.log_every, t.checkpoint_every_steps,
                t.eval_every_epochs, t.sample_every_epochs)
-  say = tqdm.write if is_main else lambda message: None
-  say(_start_message(workdir, checkpointer.directory, t.phase, latest, start_step, total))
-  if start_step >= total:
-    return state
-
-  # ---- train: after each step, is it time to log / evaluate / sample / save? ----
-  train_step = make_train_step(spec, t, mesh, steps_per_epoch)
-  window = MetricsWindow(t.log_every, t.batch_size, steps_per_epoch, replicated(mesh))
-  local_shape = (t.batch_size // jax.process_count(), *spec.image_shape)
-  started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, latest
-  previous = None
-  with (MetricsLog(workdir, start_step, is_main) as log, stop_signals() as stop,
-        tqdm(total=total, initial=start_step, disable=not is_main, unit='step',
-             dynamic_ncols=True, desc=f'{t.phase} (compiling)') as progress):
+  with contextlib.ExitStack() as stack:
+    log = stack.enter_context(MetricsLog(workdir, start_step, is_main, console=tqdm.write))
+    log.event(start_step, *_start_event(workdir, checkpointer.directory, t.phase, latest,
+                                        start_step, total))
+    if start_step >= total:
+      return state
+    # ---- train: after each step, is it time to log / evaluate / sample / save? ----
+    train_step = make_train_step(spec, t, mesh, steps_per_epoch)
+    window = MetricsWindow(t.log_every, t.batch_size, steps_per_epoch, replicated(mesh))
+    local_shape = (t.batch_size // jax.process_count(), *spec.image_shape)
+    started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, latest
+    previous = None
+    stop = stack.enter_context(stop_signals())
+    progress = stack.enter_context(tqdm(
+        total=total, initial=start_step, disable=not is_main, unit='step',
+        dynamic_ncols=True, desc=f'{t.phase} (compiling)'))
     for batch in _batches(first_batch, iterator, local_shape):
       state, metrics = train_step(state, global_batch(batch, mesh), train_key)
       window.add(metrics)
@@ -307,7 +310,7 @@ def _train_loop(config, t: TrainSettings, use_ema: bool, workdir, spec, mesh, ch
         _check_nonfinite(window, step, t.max_nonfinite_in_row, checkpointer.directory)
       if eval_fn is not None and plan.evaluate(step):
         last_eval = _evaluate(eval_fn, state, step, step / steps_per_epoch, config,
-                              t.best_metric, use_ema, workdir, meta, log, say) or last_eval
+                              t.best_metric, use_ema, workdir, meta, log) or last_eval
       if sample_fn is not None and plan.sample(step):
         sample_fn(state, step)
       if plan.save(step):
@@ -319,13 +322,22 @@ def _train_loop(config, t: TrainSettings, use_ema: bool, workdir, spec, mesh, ch
         if saved_step != step:
           _save(checkpointer, step, state, iterator, config, meta)
         checkpointer.wait()
-        raise TrainingInterrupted(stop['signal'], step, checkpointer.directory)
+        interrupted = TrainingInterrupted(stop['signal'], step, checkpointer.directory)
+        log.event(step, 'interrupt', str(interrupted), echo=False)   # main prints it
+        raise interrupted
       if step >= total:
         break
-  checkpointer.wait()
-  say(_finish_message(workdir, checkpointer.directory, step, time.perf_counter() - started,
-                      t.best_metric, last_eval.get(t.best_metric), meta))
+    checkpointer.wait()
+    log.event(step, 'finish', _finish_message(
+        workdir, checkpointer.directory, step, time.perf_counter() - started, t.best_metric,
+        last_eval.get(t.best_metric), meta))
   return state
+
+
+def _replicated_structs(tree, mesh):
+  """``tree``'s shapes and dtypes, replicated over ``mesh`` (what restore fills in)."""
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), tree)
 
 
 def _fmt(value, digits: int) -> str:

@@ -19,7 +19,7 @@ for seed in ${SEEDS[@]}; do
     python -m denseflow_jax.main --config configs/digits.py --workdir "$dir" \
         --config.seed="$seed" --config.model.compute_dtype="$dtype" > "$dir.log" 2>&1 \
       || { echo "run $dir failed, see $dir.log"; exit 1; }
-    bpd=$(python -c "import json,sys; r=[json.loads(l) for l in open('$dir/metrics.jsonl') if 'test_bpd' in l]; print(f\"{r[-1]['test_bpd']:.4f} at step {r[-1]['step']}\")")
+    bpd=$(python -c "import json,sys; r=[x for x in map(json.loads, open('$dir/metrics.jsonl')) if 'test_bpd' in x]; print(f\"{r[-1]['test_bpd']:.4f} at step {r[-1]['step']}\")")
     echo "$dtype seed $seed: test bpd $bpd, $(( $(date +%s) - start )) s"
   done
 done

@@ -16,6 +16,8 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+import helpers  # noqa: E402
+
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
 FIXTURE_DIR = FIXTURES / 'reference-small'
 
@@ -35,3 +37,10 @@ def init_stats_dir():
   if not (path / 'official_init.json').exists():
     pytest.skip(f'init-stats fixture not found at {path}')
   return path
+
+
+@pytest.fixture(scope='session')
+def make_config():
+  """The test-config builder, ``make_config(overrides=None, base='default')``: the tiny model
+  of helpers.TINY on configs/<base>.py, then ``{'section.field': value}`` overrides."""
+  return helpers.tiny_config

@@ -1,6 +1,8 @@
 """Shared test helpers: tiny configs and fake variables / states (imported as `helpers`;
 pytest puts tests/ on the path)."""
 import dataclasses
+import importlib
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,17 +15,25 @@ from denseflow_jax.settings import TrainSettings
 TRAIN_BATCH = 16
 
 
-def tiny_config():
-  c = default.get_config()
-  c.model.image_shape = (8, 8, 1)
-  c.model.num_bits = 5
-  c.model.block_config = (2,)
-  c.model.layers_config = (1,)
-  c.model.mid_channels = (8,)
-  c.model.growth_rate = 2
-  c.data.dataset = 'digits'
-  c.train.batch_size = 16
-  return c
+# The tiny model every test config starts from: one block of one unit, 8 mid channels,
+# on 8x8 5-bit digits (compiles in seconds on one core).
+TINY = {
+    'model.image_shape': (8, 8, 1), 'model.num_bits': 5, 'model.block_config': (2,),
+    'model.layers_config': (1,), 'model.mid_channels': (8,), 'model.growth_rate': 2,
+    'data.dataset': 'digits', 'train.batch_size': 16,
+}
+# The Glow-coupling variant with uniform dequantization (compiles fastest of all).
+GLOW = {'model.coupling_net': 'glow', 'model.glow_channels': 8,
+        'model.dequantization': 'uniform'}
+
+
+def tiny_config(overrides: Optional[Mapping] = None, base: str = 'default'):
+  """The one test-config builder (also the `make_config` fixture of conftest.py):
+  configs/<base>.py, the tiny model (TINY), then ``overrides`` ({'section.field': value},
+  as --config.section.field=value would set them)."""
+  config = importlib.import_module(f'configs.{base}').get_config()
+  config.update_from_flattened_dict({**TINY, **(overrides or {})})
+  return config
 
 
 def random_variables(seed=0, batch_stats=True):
@@ -54,30 +64,10 @@ def fake_state(variables, ema=True, step=3):
 
 
 def train_config(npz_path):
-  c = default.get_config()
-  m = c.model
-  m.image_shape = (8, 8, 1)
-  m.num_bits = 5
-  m.block_config = (2,)
-  m.layers_config = (1,)
-  m.mid_channels = (8,)
-  m.growth_rate = 2
-  m.coupling_net = 'glow'
-  m.glow_channels = 8
-  m.dequantization = 'uniform'
-  c.data.dataset = 'npz'
-  c.data.source = npz_path
-  c.data.augmentation = 'none'
-  t = c.train
-  t.batch_size = TRAIN_BATCH
-  t.lr = 1e-3
-  t.warmup_steps = 2
-  t.gamma = 0.5
-  t.grad_clip = 1.0
-  t.ema_decay = 0.9
-  t.log_every = 1
-  t.checkpoint_every_steps = 100
-  t.num_steps = 4
-  t.eval_every_epochs = 1
-  t.sample_every_epochs = 1
-  return c
+  """The tiny Glow model trained on an .npz of digits (test_train, test_robustness)."""
+  return tiny_config({
+      **GLOW, 'data.dataset': 'npz', 'data.source': npz_path, 'data.augmentation': 'none',
+      'train.batch_size': TRAIN_BATCH, 'train.lr': 1e-3, 'train.warmup_steps': 2,
+      'train.gamma': 0.5, 'train.grad_clip': 1.0, 'train.ema_decay': 0.9,
+      'train.log_every': 1, 'train.checkpoint_every_steps': 100, 'train.num_steps': 4,
+      'train.eval_every_epochs': 1, 'train.sample_every_epochs': 1})

@@ -24,7 +24,6 @@ Tested elsewhere (not repeated here):
   official state dict with missing / extra / misshaped keys
                                       tests/test_parity.py::test_converter_names_missing_extra_and_misshaped_keys
 """
-import importlib
 import pathlib
 import shutil
 import subprocess
@@ -51,13 +50,6 @@ def snapshot(root):
   return {p: p.read_bytes() for p in sorted(pathlib.Path(root).rglob('*')) if p.is_file()}
 
 
-def digits_config():
-  config = importlib.import_module('configs.digits').get_config()
-  config.model.block_config, config.model.layers_config = (2,), (1,)
-  config.model.mid_channels, config.model.growth_rate = (8,), 2
-  return config
-
-
 def test_misspelled_config_key_on_the_command_line():
   proc = subprocess.run([sys.executable, '-m', 'denseflow_jax.main', '--config',
                          'configs/digits.py', '--mode', 'summary', '--config.train.batchsize=3'],
@@ -69,14 +61,14 @@ def test_misspelled_config_key_on_the_command_line():
   assert 'Traceback' not in proc.stderr
 
 
-def test_workdir_that_cannot_be_written(tmp_path):
+def test_workdir_that_cannot_be_written(tmp_path, make_config):
   # Tests run as root, where chmod does not stop writes: the parent is a regular file.
   blocker = tmp_path / 'file.txt'
   blocker.write_text('keep me')
   for mode in ('train', 'eval', 'sample'):
     with pytest.raises(ConfigError, match=r'cannot be created: .*file\.txt is a file, not a '
                                           r'directory; choose another --workdir') as info:
-      modes.run(mode, digits_config(), str(blocker / 'run'))
+      modes.run(mode, make_config(base='digits'), str(blocker / 'run'))
   print(info.value)
   assert blocker.read_text() == 'keep me'
 
@@ -86,8 +78,9 @@ def test_workdir_that_cannot_be_written(tmp_path):
     ('temperature', -1.0, 'sample.temperature must be positive, got -1.0'),
     ('num', 0, 'sample.num must be at least 1, got 0'),
 ])
-def test_sample_settings_are_checked_before_loading(tmp_path, field, value, message):
-  config = digits_config()
+def test_sample_settings_are_checked_before_loading(tmp_path, field, value, message,
+                                                     make_config):
+  config = make_config(base='digits')
   config.sample[field] = value
   # The workdir holds no checkpoint: loading first would raise CheckpointError instead.
   with pytest.raises(ConfigError, match=message) as info:
@@ -131,6 +124,18 @@ def test_truncated_checkpoint_names_the_path_and_the_fallback(two_checkpoints):
   assert checkpointer.latest_step() == 2
   restored, _, _ = checkpointer.restore(2, abstract)
   np.testing.assert_array_equal(restored.params['prior']['loc'], state.params['prior']['loc'])
+
+
+def test_eval_which_best_without_best_or_beside_config_checkpoint(two_checkpoints):
+  workdir, config, _, _ = two_checkpoints
+  config.eval.which = 'best'
+  with pytest.raises(errors.CheckpointError, match='no best model in .*best: training writes '
+                     'it .*Use --config.eval.which=latest'):
+    ckpt_lib.load_model(config, str(workdir), use_ema=False, which='best')
+  config.checkpoint = str(workdir)
+  with pytest.raises(ConfigError, match='--config.eval.which=best reads .* but '
+                     '--config.checkpoint=.* names other variables: drop one'):
+    modes.run('eval', config, str(workdir))
 
 
 def test_garbled_checkpoint_config_is_refused_before_anything_runs(two_checkpoints):

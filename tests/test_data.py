@@ -11,30 +11,18 @@ import tensorflow_datasets as tfds
 
 from denseflow_jax import errors
 from denseflow_jax import data
+from helpers import tiny_config
 
 
 def make_config(dataset='digits', source='', image_shape=(8, 8, 1), num_bits=5,
                 batch_size=16, augmentation='none', seed=0, worker_count=0,
                 eval_batch_size=32):
-  """A config with only the fields the data pipeline reads."""
-  config = ml_collections.ConfigDict()
-  config.seed = seed
-  config.model = ml_collections.ConfigDict()
-  config.model.image_shape = image_shape
-  config.model.num_bits = num_bits
-  config.data = ml_collections.ConfigDict()
-  config.data.dataset = dataset
-  config.data.source = source
-  config.data.tfds_data_dir = ''
-  config.data.augmentation = augmentation
-  config.data.worker_count = worker_count
-  config.data.prefetch = 2
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = batch_size
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = eval_batch_size
-  config.eval.num_examples = -1
-  return config
+  """helpers.tiny_config with the fields the data pipeline reads set as given."""
+  return tiny_config({
+      'seed': seed, 'model.image_shape': image_shape, 'model.num_bits': num_bits,
+      'data.dataset': dataset, 'data.source': source, 'data.augmentation': augmentation,
+      'data.worker_count': worker_count, 'data.prefetch': 2, 'train.batch_size': batch_size,
+      'eval.batch_size': eval_batch_size, 'eval.num_examples': -1})
 
 
 def id_images(n, shape=(4, 4, 1)):

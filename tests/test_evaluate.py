@@ -6,7 +6,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -16,6 +15,7 @@ from denseflow_jax import data, evaluate, files
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, init_variables, make_model
 from denseflow_jax.settings import EvalSettings
 from denseflow_jax.spec import ModelSpec
+from helpers import tiny_config
 
 SPEC = ModelSpec(image_shape=(8, 8, 1), num_bits=5, block_config=(2,), layers_config=(1,),
                  mid_channels=(8,), growth_rate=2, coupling_net='glow', glow_channels=8,
@@ -24,15 +24,8 @@ BATCH = 8
 
 
 def make_config(batch_size=64, k=1, k_chunk=50):
-  config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict(
-      {'image_shape': SPEC.image_shape, 'num_bits': SPEC.num_bits})
-  config.data = ml_collections.ConfigDict(
-      {'dataset': 'digits', 'source': '', 'tfds_data_dir': '', 'worker_count': 0, 'prefetch': 2})
-  config.eval = ml_collections.ConfigDict(
-      {'batch_size': batch_size, 'k': k, 'k_chunk': k_chunk, 'use_ema': True,
-       'num_examples': -1})
-  return config
+  return tiny_config({'eval.batch_size': batch_size, 'eval.k': k, 'eval.k_chunk': k_chunk,
+                      'eval.use_ema': True, 'eval.num_examples': -1})
 
 
 def digits_images(num):

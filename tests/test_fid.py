@@ -6,7 +6,6 @@ published InceptionV3 parameter count, and a PyTorch functional re-implementatio
 of pytorch-fid's network fed the same (synthetic) state dict. The Inception forward
 runs at 75x75 (the smallest input size) to keep its compilation short.
 """
-import importlib
 import json
 import math
 
@@ -21,6 +20,7 @@ from denseflow_jax import data, evaluate, fid, inception, modes
 from denseflow_jax.model import init_variables, make_model
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.settings import FidSettings
+from helpers import GLOW
 
 
 def random_spd(rng, d):
@@ -290,19 +290,14 @@ def test_weights_errors_name_the_file_and_the_fix(converted, tmp_path):
 
 # ---------------------------------------------------------------- --mode fid
 
-def fid_config(tmp_path):
-  config = importlib.import_module('configs.digits').get_config()
-  m = config.model
-  m.image_shape, m.num_bits = (8, 8, 1), 5
-  m.block_config, m.layers_config, m.mid_channels, m.growth_rate = (2,), (1,), (8,), 2
-  m.coupling_net, m.glow_channels, m.dequantization = 'glow', 8, 'uniform'
-  config.fid.num_samples, config.fid.batch_size, config.fid.temperature = 21, 8, 0.8
-  config.fid.stats_dir = str(tmp_path / 'stats')
-  return config
+def fid_config(make_config, tmp_path):
+  return make_config({**GLOW, 'fid.num_samples': 21, 'fid.batch_size': 8,
+                      'fid.temperature': 0.8, 'fid.stats_dir': str(tmp_path / 'stats')},
+                     base='digits')
 
 
-def test_mode_fid_without_weights_is_a_config_error(tmp_path):
-  config = fid_config(tmp_path)
+def test_mode_fid_without_weights_is_a_config_error(make_config, tmp_path):
+  config = fid_config(make_config, tmp_path)
   with pytest.raises(ConfigError, match=r'fid\.inception_weights is empty.*'
                      r'python -m denseflow_jax\.inception --convert'):
     modes.run('fid', config, str(tmp_path / 'run'))
@@ -319,10 +314,10 @@ def row_features(images):
   return np.asarray(images, np.float64).mean(axis=(2, 3))
 
 
-def test_run_fid_end_to_end_on_a_tiny_model(tmp_path, capsys):
+def test_run_fid_end_to_end_on_a_tiny_model(make_config, tmp_path, capsys):
   """21 samples (batches 8 + 8 + 5) and the digits splits through run_fid, against
   features computed here from sample_images and the raw split, with np.mean / np.cov."""
-  config = fid_config(tmp_path)
+  config = fid_config(make_config, tmp_path)
   model = make_model(config.model)
   source = data.load_split(config.data, 'test', (8, 8, 1), 5)
   x = np.stack([source[i] for i in range(8)])
@@ -331,14 +326,15 @@ def test_run_fid_end_to_end_on_a_tiny_model(tmp_path, capsys):
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   workdir = tmp_path / 'run'
 
-  load_model = lambda config, workdir: (model, variables, 'ckpt')   # noqa: E731
+  loaded = {'checkpoint': 'ckpt', 'which': 'best', 'step': 7, 'parameters': 'raw'}
+  load_model = lambda config, workdir: (model, variables, loaded)   # noqa: E731
   settings = FidSettings.from_config(config)
   result = fid.run_fid(config, settings, workdir, load_model, feature_fn=row_features,
                        progress=False)
   written = json.loads((workdir / 'fid_T0.8_n21.json').read_text())
   assert written['fid'] == pytest.approx(result['fid'])
   assert written['num_samples'] == 21 and written['temperature'] == 0.8
-  assert written['checkpoint'] == 'ckpt' and written['seconds'] > 0
+  assert {k: written[k] for k in loaded} == loaded and written['seconds'] > 0
 
   samples = evaluate.sample_images(model, variables, jax.random.PRNGKey(config.seed), 21, 0.8, 8)
   to_255 = lambda images: np.round(np.asarray(images, np.float64) * 255 / 31)

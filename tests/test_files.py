@@ -23,3 +23,13 @@ def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path, umask):
   assert want == 0o666 & ~umask
   for name in ('eval.json', 'grid.npz'):
     assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == want, name
+
+
+def test_unused_stem_numbers_a_new_result_instead_of_replacing_one(tmp_path):
+  stem = str(tmp_path / 'samples_T1_n4')
+  assert files.unused_stem(stem, ('.png', '.npz')) == stem
+  (tmp_path / 'samples_T1_n4.npz').write_bytes(b'')           # one member of the set is enough
+  assert files.unused_stem(stem, ('.png', '.npz')) == stem + '-2'
+  (tmp_path / 'samples_T1_n4-2.png').write_bytes(b'')
+  assert files.unused_stem(stem, ('.png', '.npz')) == stem + '-3'
+  assert files.unused_stem(str(tmp_path / 'other'), ('.png',)) == str(tmp_path / 'other')

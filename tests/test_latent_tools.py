@@ -7,7 +7,6 @@ the documented keys, the flow through our own jitted `model.apply`, the interpol
 latents and slerp weights in numpy, the images straight from the data set.
 """
 import copy
-import importlib
 import json
 import math
 
@@ -20,28 +19,25 @@ import pytest
 from denseflow_jax import checkpoint, data, latent_tools, modes
 from denseflow_jax.model import DenseFlow, draw_noise, init_variables, make_model
 from denseflow_jax.errors import ConfigError
+from helpers import tiny_config
 
 NUM_BITS = 5
 BATCH = 4          # every batch our own jitted functions see (one compile each)
 SLERP_INDICES = (3, 0, 1, 2)   # the slerp run names its pairs: (3, 0) and (1, 2)
 
 
-def tiny_config(checkpoint_dir=''):
-  config = importlib.import_module('configs.digits').get_config()
-  m = config.model
-  m.block_config, m.layers_config, m.mid_channels = (2, 1), (1, 1), (8, 8)
-  m.growth_rate, m.glow_channels = 2, 8          # glow coupling, uniform dequantization (digits)
-  lt = config.latent
-  lt.num_pairs, lt.steps = 2, 3                  # t = 0, 0.5, 1
-  lt.num_images, lt.num_per_row = 4, 3
-  lt.temperatures = (0.0, 1.0)
-  config.sample.batch_size = 3
-  config.checkpoint = str(checkpoint_dir)
-  return config
+def latent_config(checkpoint_dir=''):
+  # Two blocks; glow coupling and uniform dequantization are configs/digits.py's own.
+  return tiny_config({
+      'model.block_config': (2, 1), 'model.layers_config': (1, 1), 'model.mid_channels': (8, 8),
+      'model.glow_channels': 8,
+      'latent.num_pairs': 2, 'latent.steps': 3,       # t = 0, 0.5, 1
+      'latent.num_images': 4, 'latent.num_per_row': 3, 'latent.temperatures': (0.0, 1.0),
+      'sample.batch_size': 3, 'checkpoint': str(checkpoint_dir)}, base='digits')
 
 
 def digits_test_images(num):
-  config = tiny_config()
+  config = latent_config()
   source = data.load_split(config.data, 'test', config.model.image_shape, NUM_BITS)
   return np.stack([source[i] for i in range(num)])
 
@@ -51,7 +47,7 @@ def tiny(tmp_path_factory):
   """(config, workdir, model, variables, encode, inverse): the checkpoint holds initialised
   variables with perturbed parameters (couplings far from the identity)."""
   root = tmp_path_factory.mktemp('latent')
-  config = tiny_config(root / 'ckpt')
+  config = latent_config(root / 'ckpt')
   model = make_model(config.model)
   x = jnp.asarray(digits_test_images(BATCH))
   variables = jax.jit(lambda rng, x: init_variables(model, rng, x))(jax.random.key(0), x)
@@ -95,14 +91,14 @@ def assert_same_levels(images, y):
 @pytest.fixture(scope='module')
 def linear(tiny):
   images = run(tiny, 'interpolate')
-  with np.load(tiny[1] / 'latent' / 'interpolate_linear.npz') as f:
+  with np.load(tiny[1] / 'latent' / 'interpolate_linear_0-1_2-3.npz') as f:
     return images, dict(f)
 
 
 @pytest.fixture(scope='module')
 def slerp(tiny):
   run(tiny, 'interpolate', method='slerp', indices=SLERP_INDICES)
-  with np.load(tiny[1] / 'latent' / 'interpolate_slerp.npz') as f:
+  with np.load(tiny[1] / 'latent' / 'interpolate_slerp_3-0_1-2.npz') as f:
     return dict(f)
 
 
@@ -127,7 +123,7 @@ def test_interpolation_end_points_are_the_inputs(tiny, linear, slerp):
     assert np.count_nonzero(ends != x) <= 2                   # at most the rare boundary pixel
     np.testing.assert_allclose(result['continuous'][:, [0, -1]].reshape(BATCH, 8, 8, 1), y_rec,
                                atol=1e-5)
-  for name in ('interpolate_linear', 'interpolate_slerp'):
+  for name in ('interpolate_linear_0-1_2-3', 'interpolate_slerp_3-0_1-2'):
     picture = Image.open(workdir / 'latent' / f'{name}.png')
     # steps columns, one row per pair; 28 px wide, so enlarged 19x (to >= 512 px)
     assert picture.size == (19 * (3 * 9 + 1), 19 * (2 * 9 + 1))
@@ -193,11 +189,11 @@ def test_reconstruct_reports_the_independent_error(tiny):
   _, workdir, _, variables, encode, inverse = tiny
   result = run(tiny, 'reconstruct')
   out = workdir / 'latent'
-  assert json.loads((out / 'reconstruct.json').read_text()) == result
+  assert json.loads((out / 'reconstruct_n4.json').read_text()) == result
   x = digits_test_images(BATCH)
   y, z, dropped = encode(variables, x)
   y, y_rec = np.asarray(y, np.float64), np.asarray(inverse(variables, z, dropped), np.float64)
-  with np.load(out / 'reconstruct.npz') as f:
+  with np.load(out / 'reconstruct_n4.npz') as f:
     saved = dict(f)
   np.testing.assert_array_equal(saved['originals'], x)
   np.testing.assert_allclose(saved['continuous'], y, atol=1e-7)
@@ -215,7 +211,7 @@ def test_reconstruct_reports_the_independent_error(tiny):
   assert 0 < result['max_abs_error_continuous'] < 1e-4
   # Rows alternate: originals 0-2, their reconstructions, original 3, its reconstruction
   # (the rest of those two rows blank).
-  grid = np.asarray(Image.open(out / 'reconstruct.png'))
+  grid = np.asarray(Image.open(out / 'reconstruct_n4.png'))
   assert grid.shape == (19 * (4 * 9 + 1), 19 * (3 * 9 + 1))    # enlarged 19x to >= 512 px
   grid = grid[::19, ::19]
   def tile(row, col):
@@ -242,9 +238,9 @@ def test_sweep_temperature_zero_is_the_prior_mode(tiny):
   z = np.broadcast_to(loc, (BATCH, *model.spec.latent_shape()))
   dropped = [np.zeros((BATCH, *s), np.float32) for s in model.spec.dropped_shapes()]
   assert_same_levels(cold[:1], np.asarray(inverse(variables, z, dropped))[:1])
-  picture = Image.open(workdir / 'latent' / 'temperature_sweep.png')
+  picture = Image.open(workdir / 'latent' / 'temperature_sweep_T0-1_n3.png')
   assert picture.size == (19 * (3 * 9 + 1), 19 * (2 * 9 + 1))   # enlarged 19x to >= 512 px
-  with np.load(workdir / 'latent' / 'temperature_sweep.npz') as f:
+  with np.load(workdir / 'latent' / 'temperature_sweep_T0-1_n3.npz') as f:
     np.testing.assert_array_equal(f['images'], images.reshape(2, 3, 8, 8, 1))
     np.testing.assert_array_equal(f['temperatures'], [0.0, 1.0])
 
@@ -264,8 +260,16 @@ def test_sweep_temperature_zero_is_the_prior_mode(tiny):
     ('sweep', {'temperatures': ()}, 'latent.temperatures is empty'),
 ])
 def test_bad_latent_settings_raise_config_errors(tmp_path, mode, latent, message):
-  config = tiny_config(tmp_path / 'no-checkpoint')   # raised before any checkpoint is read
+  config = latent_config(tmp_path / 'no-checkpoint')   # raised before any checkpoint is read
   config.latent.update(latent)
   with pytest.raises(ConfigError, match=message):
     modes.run(mode, config, str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
+
+
+def test_interpolation_file_names_carry_the_pairs():
+  assert latent_tools._pairs_name(np.array([[3, 0], [1, 2]])) == '3-0_1-2'
+  many = [[i, i + 1] for i in range(0, 20, 2)]
+  name = latent_tools._pairs_name(many)
+  assert name.startswith('10pairs-') and len(name) == len('10pairs-') + 8
+  assert latent_tools._pairs_name([[b, a] for a, b in many]) != name   # other pairs, other name

@@ -1,6 +1,5 @@
 """`python -m denseflow_jax.main` end to end on tiny models: train a few steps (digits,
 and CIFAR-10 through TFDS under `tfds.testing.mock_data`), resume, evaluate, sample."""
-import importlib
 import json
 import pathlib
 import subprocess
@@ -11,28 +10,19 @@ import numpy as np
 import pytest
 
 from denseflow_jax import checkpoint, evaluate, modes
+from helpers import GLOW, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny(config, image_shape, num_bits):
-  """Shrink a config's model and schedule so that a run compiles in seconds."""
-  m = config.model
-  m.image_shape, m.num_bits = image_shape, num_bits
-  m.block_config, m.layers_config, m.mid_channels, m.growth_rate = (2,), (1,), (8,), 2
-  m.coupling_net, m.glow_channels, m.dequantization = 'glow', 8, 'uniform'
-  config.train.batch_size = 8
-  config.train.num_steps = 3
-  config.train.warmup_steps = 2
-  config.train.log_every = 1
-  config.train.checkpoint_every_steps = 2
-  config.eval.batch_size = 8
-  config.eval.num_examples = 16
-  config.eval.k = 2
-  config.eval.k_chunk = 2
-  config.sample.num = 4
-  config.sample.batch_size = 4
-  return config
+def tiny(base, dataset, image_shape, num_bits):
+  """configs/<base>.py with the tiny Glow model and a schedule that runs in seconds."""
+  return tiny_config({
+      **GLOW, 'data.dataset': dataset, 'model.image_shape': image_shape,
+      'model.num_bits': num_bits, 'train.batch_size': 8, 'train.num_steps': 3,
+      'train.warmup_steps': 2, 'train.log_every': 1, 'train.checkpoint_every_steps': 2,
+      'eval.batch_size': 8, 'eval.num_examples': 16, 'eval.k': 2, 'eval.k_chunk': 2,
+      'sample.num': 4, 'sample.batch_size': 4}, base=base)
 
 
 def assert_tensorboard_matches_metrics(workdir):
@@ -78,6 +68,13 @@ def run_all_modes(config, workdir, capsys=None):
     assert story[2].startswith('finished 3 steps') and 'last test_bpd' in story[2]
     assert story[3].startswith('already finished at step 3 of 3: nothing to do')
     assert story[4].startswith('resuming from step 3 of 4 (checkpoint ')
+    # ... and metrics.jsonl keeps the same story, each line as an event record.
+    events = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+              if '"event"' in line]
+    assert [e['message'] for e in events] == [
+        line for line in story if not line.startswith('step ')]
+    assert [(e['event'], e['step']) for e in events] == [
+        ('start', 0), ('finish', 3), ('already_finished', 3), ('resume', 3), ('finish', 4)]
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   steps = [r['step'] for r in records if 'train_bpd' in r]
   assert steps == sorted(set(steps)) and max(steps) <= 4, steps   # no step trained twice
@@ -85,7 +82,24 @@ def run_all_modes(config, workdir, capsys=None):
 
   result = modes.run('eval', config, str(workdir))
   assert np.isfinite(result['elbo_bpd']) and np.isfinite(result['iwbo_bpd'])
-  assert (workdir / 'eval_test_k2.json').exists()
+  # The eval JSON says what it evaluated, and its name carries which parameters.
+  want = {'step': 4, 'which': 'latest', 'parameters': 'raw', 'k': 2, 'seed': config.seed,
+          'num_examples': 16, 'checkpoint': str(workdir)}
+  assert {key: result[key] for key in want} == want
+  first = workdir / 'eval_test_k2_latest_raw.json'
+  assert json.loads(first.read_text()) == result
+  # WORKDIR/best: the parameters of the lowest periodic test bits/dim in metrics.jsonl.
+  # Evaluated twice: a new file each time; no run replaces an earlier result.
+  evals = [(r['test_bpd'], r['step']) for r in records if 'test_bpd' in r]
+  config.eval.use_ema, config.eval.which = False, 'best'
+  best = modes.run('eval', config, str(workdir))
+  assert (best['which'], best['step'], best['parameters']) == ('best', min(evals)[1], 'raw')
+  modes.run('eval', config, str(workdir))
+  assert json.loads(first.read_text()) == result
+  assert json.loads((workdir / 'eval_test_k2_best_raw.json').read_text()) == best
+  assert (workdir / 'eval_test_k2_best_raw-2.json').exists()
+  config.eval.use_ema, config.eval.which = True, 'latest'
+
   images = modes.run('sample', config, str(workdir))
   assert images.shape == (4, *config.model.image_shape)
   assert list((workdir / 'samples').glob('samples_T1_n4.png'))
@@ -95,18 +109,21 @@ def run_all_modes(config, workdir, capsys=None):
   library = evaluate.sample_images(model, variables, jax.random.PRNGKey(config.seed), 4,
                                    config.sample.temperature, batch_size=3)
   np.testing.assert_array_equal(images, library)
+  modes.run('sample', config, str(workdir))      # again: numbered, the first grid is kept
+  assert sorted(p.name for p in (workdir / 'samples').glob('samples_T1_n4*')) == [
+      'samples_T1_n4-2.npz', 'samples_T1_n4-2.png', 'samples_T1_n4.npz', 'samples_T1_n4.png']
   return ckpts
 
 
 def test_digits_train_resume_eval_sample(tmp_path, capsys):
-  config = tiny(importlib.import_module('configs.digits').get_config(), (8, 8, 1), 5)
+  config = tiny('digits', 'digits', (8, 8, 1), 5)
   ckpts = run_all_modes(config, tmp_path, capsys)
   assert ckpts, 'no checkpoint written'
 
 
 def test_cifar10_through_tfds_mock_data(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
-  config = tiny(importlib.import_module('configs.cifar10').get_config(), (32, 32, 3), 8)
+  config = tiny('cifar10', 'cifar10', (32, 32, 3), 8)
   config.data.augmentation = 'eta'
   with tfds.testing.mock_data(num_examples=24):
     run_all_modes(config, tmp_path)

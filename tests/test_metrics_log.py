@@ -1,12 +1,15 @@
-"""The metrics window (device-side sums between log lines) against plain Python sums."""
+"""The metrics window (device-side sums between log lines) against plain Python sums; the
+log's event records (the run's story) kept apart from its metrics."""
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from denseflow_jax import sharding
-from denseflow_jax.metrics_log import MetricsWindow
+from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow, read_metrics
 
 
 def _metrics(step, bpd, skipped, skipped_total, nonfinite):
@@ -44,3 +47,30 @@ def test_window_without_a_started_clock_reports_no_speed():
   record = window.flush(1)
   assert record['img_per_s'] is None and record['train_bpd'] == 1.0
   assert jax.device_get(record['skipped_steps']) == []
+
+
+def test_log_keeps_events_apart_from_metrics_and_prints_them(tmp_path):
+  printed = []
+  with MetricsLog(tmp_path, None, enabled=True, console=printed.append) as log:
+    log.event(0, 'start', 'starting a new run')
+    log.write({'step': 2, 'train_bpd': 3.5}, 'train')
+    log.event(2, 'interrupt', 'stopped', echo=False)
+    with pytest.raises(ValueError, match="unknown event 'begin'"):
+      log.event(2, 'begin', 'x')
+  assert printed == ['starting a new run']
+  lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+  assert [line.get('event') for line in lines] == ['start', None, 'interrupt']
+  assert read_metrics(tmp_path) == [{'step': 2, 'train_bpd': 3.5}]
+  # Resuming at step 0 drops what came after it, events included.
+  with MetricsLog(tmp_path, 0, enabled=True, console=printed.append):
+    pass
+  assert [json.loads(line)['event'] for line in
+          (tmp_path / METRICS_FILE).read_text().splitlines()] == ['start']
+
+
+def test_log_of_other_processes_writes_and_prints_nothing(tmp_path):
+  printed = []
+  with MetricsLog(tmp_path, None, enabled=False, console=printed.append) as log:
+    log.event(0, 'start', 'starting a new run')
+    log.say('hello')
+  assert printed == [] and not (tmp_path / METRICS_FILE).exists()

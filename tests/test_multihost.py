@@ -25,7 +25,6 @@ The three processes start together (each costs ~20 s of CPU, mostly compilation)
 are all killed as soon as one fails or when WORKER_TIMEOUT_S has passed; the failure
 message holds the end of each one's output.
 """
-import json
 import os
 import pathlib
 import socket
@@ -41,7 +40,6 @@ import pytest
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import sharding
 from denseflow_jax import metrics_log
-from denseflow_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / 'tests' / 'multihost_worker.py'
@@ -116,9 +114,6 @@ def runs(tmp_path_factory):
   return SimpleNamespace(multi=multi, single=base / 'one_host')
 
 
-def records(workdir):
-  return [json.loads(line) for line in (workdir / metrics_log.METRICS_FILE).read_text().splitlines()]
-
 
 def assert_trees_close(got, want, what):
   got = jax.tree_util.tree_flatten_with_path(got)[0]
@@ -148,7 +143,7 @@ def test_two_hosts_train_like_one_host(runs):
   assert min(moved) > 10 * RELATIVE_TOLERANCE, moved
 
   # The per-step losses and gradient norms, and the final test bits/dim, agree as well.
-  got, want = records(runs.multi), records(runs.single)
+  got, want = metrics_log.read_metrics(runs.multi), metrics_log.read_metrics(runs.single)
   train_got = [r for r in got if 'train_bpd' in r]
   train_want = [r for r in want if 'train_bpd' in r]
   assert [r['step'] for r in train_got] == [r['step'] for r in train_want] == [1, 2, 3]
@@ -172,8 +167,8 @@ def test_checkpoints_are_written_by_both_hosts(runs):
   # WORKDIR/best (saved collectively after an evaluation) is readable here, on one
   # process, although its arrays were saved from 8 devices of 2 processes that do not
   # exist here; it holds the EMA parameters of the train state at its step.
-  best = ckpt_lib.load_variables(runs.multi / train.BEST_DIR)
-  best_step = ckpt_lib.read_metadata(runs.multi / train.BEST_DIR)['step']
+  best = ckpt_lib.load_variables(runs.multi / ckpt_lib.BEST_DIR)
+  best_step = ckpt_lib.read_metadata(runs.multi / ckpt_lib.BEST_DIR)['step']
   assert best_step in (2, 3)
   state = ckpt_lib.TrainCheckpointer(runs.multi).restore_raw_state(best_step)
   assert_trees_close(best['params'], jax.device_get(state['ema_params']), 'best vs EMA')

@@ -68,7 +68,7 @@ def test_notebook_runs_and_writes_every_result(executed):
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if 'train_bpd' in r] == [3]
   assert [r['step'] for r in records if 'test_bpd' in r] == [3]
-  result = json.loads((workdir / 'eval_test_k2.json').read_text())
+  result = json.loads((workdir / 'eval_test_k2_latest_raw.json').read_text())
   assert result['num_examples'] == 16 and result['k'] == 2
   pngs = list((workdir / 'samples').glob('samples_T1_n4.png'))
   assert pngs and pngs[0].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -67,7 +67,8 @@ def start(workdir, env):
 
 def metrics_lines(workdir):
   path = pathlib.Path(workdir) / metrics_log.METRICS_FILE
-  return path.read_text().splitlines() if path.exists() else []
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [line for line in lines if '"event"' not in line]     # metrics records only
 
 
 def final_state(workdir):
@@ -183,6 +184,13 @@ def test_sigterm_and_ctrl_c_checkpoint_and_say_how_to_resume(env, straight, tmp_
   step, state = final_state(workdir)
   assert step == NUM_STEPS
   assert_same_state(state, final_state(straight)[1])
+  # metrics.jsonl tells the same story as the console, interruptions included.
+  events = [json.loads(line) for line in
+            (workdir / metrics_log.METRICS_FILE).read_text().splitlines() if '"event"' in line]
+  assert [(e['event'], e['step']) for e in events] == [
+      ('start', 0), ('interrupt', stopped), ('resume', stopped), ('interrupt', resumed),
+      ('resume', resumed), ('finish', NUM_STEPS)], events
+  assert 'training stopped by SIGINT' in events[3]['message']
   print(f'SIGTERM after step {stopped}, SIGINT after step {resumed}, resumed to {NUM_STEPS}')
 
 

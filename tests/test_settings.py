@@ -34,7 +34,8 @@ BAD = {
         'grad_clip': -1.0, 'ema_decay': 1.0, 'log_every': 0, 'eval_every_epochs': 0,
         'sample_every_epochs': 0, 'checkpoint_every_steps': 0, 'keep_checkpoints': -1,
         'max_nonfinite_in_row': 0, 'best_metric': '', 'num_steps': 0},
-    'eval': {'batch_size': 0, 'k': 0, 'k_chunk': 0, 'use_ema': 1, 'num_examples': 0},
+    'eval': {'batch_size': 0, 'k': 0, 'k_chunk': 0, 'use_ema': 1, 'num_examples': 0,
+             'which': 'newest'},
     'sample': {'num': 0, 'temperature': 0.0, 'batch_size': -4},
     'latent': {'num_pairs': 0, 'indices': (0, 1, 2), 'steps': 1, 'method': 'cubic',
                'num_images': 0, 'temperatures': (0.5, -0.25), 'num_per_row': 0},
@@ -167,12 +168,6 @@ def test_values_are_normalised_and_step_settings_hashable():
   fid['splits'] = 'test'
   assert settings.FidSettings(**fid).splits == ('test',)
 
-
-def test_constants_agree_with_their_modules():
-  from denseflow_jax import data, latent_tools, train
-  assert settings.AUGMENTATIONS == data.AUGMENTATIONS
-  assert latent_tools.METHODS == settings.LATENT_METHODS
-  assert train.TrainSettings is settings.TrainSettings
 
 
 # ---------------------------------------------------------------- the modes check first

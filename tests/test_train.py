@@ -5,7 +5,6 @@ of training settings, so the train step compiles once for the 8-device mesh (cac
 train_step.make_train_step) and once for the 1-device comparison.
 """
 import dataclasses
-import json
 import logging
 import math
 
@@ -250,9 +249,6 @@ def test_nonfinite_step_is_skipped_and_counted(compiled):
 # ---------------------------------------------------------------------------
 
 
-def read_metrics(workdir):
-  return [json.loads(line) for line in (workdir / metrics_log.METRICS_FILE).read_text().splitlines()]
-
 
 def final_state(workdir):
   checkpointer = ckpt_lib.TrainCheckpointer(workdir)
@@ -272,10 +268,10 @@ def test_resume_is_exact(config, tmp_path, compiled):
   assert leaves_equal(jax.device_get(straight), jax.device_get(resumed))
   assert leaves_equal(final_state(tmp_path / 'straight'), final_state(tmp_path / 'resumed'))
 
-  records = read_metrics(tmp_path / 'resumed')
+  records = metrics_log.read_metrics(tmp_path / 'resumed')
   assert [r['step'] for r in records] == [1, 2, 3, 4]
   assert [r['train_bpd'] for r in records] == [r['train_bpd'] for r in
-                                               read_metrics(tmp_path / 'straight')]
+                                               metrics_log.read_metrics(tmp_path / 'straight')]
   # Warm-up over 2 steps, then halved at the epoch boundary (3 steps per epoch); the
   # record of step n shows the lr used by update n (schedule at n - 1).
   assert [r['lr'] for r in records] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
@@ -299,10 +295,10 @@ def test_hooks_and_best_checkpoint(config, tmp_path, compiled):
   train.train_and_evaluate(config, tmp_path / 'run', eval_fn=eval_fn, sample_fn=sample_fn)
   # Epoch 1 ends after step 3; the final evaluation at step 4.
   assert calls == [('eval', 3, 3), ('sample', 3, 3), ('eval', 4, 4)]
-  evals = [r for r in read_metrics(tmp_path / 'run') if 'test_bpd' in r]
+  evals = [r for r in metrics_log.read_metrics(tmp_path / 'run') if 'test_bpd' in r]
   assert [(r['step'], r['test_bpd']) for r in evals] == [(3, 3.0), (4, 2.5)]
-  assert ckpt_lib.read_metadata(tmp_path / 'run' / train.BEST_DIR)['step'] == 4
-  best = ckpt_lib.load_variables(tmp_path / 'run' / train.BEST_DIR, config)
+  assert ckpt_lib.read_metadata(tmp_path / 'run' / ckpt_lib.BEST_DIR)['step'] == 4
+  best = ckpt_lib.load_variables(tmp_path / 'run' / ckpt_lib.BEST_DIR, config)
   assert leaves_equal(best['params'], final_state(tmp_path / 'run')['ema_params'])
 
 
@@ -321,7 +317,7 @@ def test_periodic_evaluation_loads_the_test_split_once(config, tmp_path, compile
   config.train.sample_every_epochs = 100     # no sampling: only the evaluations matter here
   config.eval.batch_size = BATCH
   modes.train(config, str(tmp_path / 'run'))
-  evals = [r['step'] for r in read_metrics(tmp_path / 'run') if 'test_bpd' in r]
+  evals = [r['step'] for r in metrics_log.read_metrics(tmp_path / 'run') if 'test_bpd' in r]
   assert evals == [3, 4]
   assert loads.count('test') == 1, loads
 
@@ -334,7 +330,7 @@ def test_nonfinite_run_stops_without_checkpoint(config, tmp_path, compiled):
   with pytest.raises(errors.NonFiniteError, match='2 consecutive steps'):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert ckpt_lib.TrainCheckpointer(tmp_path / 'run').latest_step() is None
-  assert [r['skipped'] for r in read_metrics(tmp_path / 'run')] == [1, 1]
+  assert [r['skipped'] for r in metrics_log.read_metrics(tmp_path / 'run')] == [1, 1]
 
 
 def test_start_from_variables_then_finetune(config, tmp_path, compiled):
@@ -349,7 +345,7 @@ def test_start_from_variables_then_finetune(config, tmp_path, compiled):
   config.train.num_steps = 2
   state = train.train_and_evaluate(config, tmp_path / 'run')
   assert int(state.step) == 5
-  records = read_metrics(tmp_path / 'run')
+  records = metrics_log.read_metrics(tmp_path / 'run')
   assert [r['lr'] for r in records[3:]] == pytest.approx([3e-5, 3e-5])
   pretrained = ckpt_lib.load_variables(tmp_path / 'run' / train.PRETRAINED_DIR)
   assert ckpt_lib.read_metadata(tmp_path / 'run' / train.PRETRAINED_DIR)['step'] == 3

@@ -11,8 +11,7 @@ import math
 import numpy as np
 
 from denseflow_jax.errors import DataError
-
-AUGMENTATIONS = ('none', 'horizontal_flip', 'eta')
+from denseflow_jax.settings import AUGMENTATIONS
 ETA_FRACTION = 0.04             # pad and maximal translation, relative to size
 
 

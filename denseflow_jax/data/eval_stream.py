@@ -19,7 +19,7 @@ def _eval_sizes(config, split, batch_size, num_examples, source):
   if batch_size is None:
     batch_size = config.eval.batch_size
   if num_examples is None:
-    num_examples = config.eval.get('num_examples', -1)
+    num_examples = config.eval.num_examples
   if source is None:
     source = load_split(config, split)
   total = len(source)
@@ -103,5 +103,5 @@ def iterate_eval(config, split: str = 'test', batch_size: int | None = None,
   make = _EvalBatch(source, num_examples, batch_size, local_batch,
                     process_index, config.model.image_shape)
   ds = (grain.MapDataset.range(num_batches).map(make)
-        .to_iter_dataset(read_options(config.data)))
+        .to_iter_dataset(read_options(int(config.data.prefetch))))
   return iter(ds)

@@ -376,11 +376,10 @@ def load_split(config, split: str,
   if 'data' in config:      # the full config: its model says what the images must be
     data_config = config.data
     image_shape = config.model.image_shape if image_shape is None else image_shape
-    num_bits = config.model.get('num_bits', None) if num_bits is None else num_bits
+    num_bits = config.model.num_bits if num_bits is None else num_bits
   else:
     data_config = config
-  dataset = data_config.get('dataset', '')
-  source = data_config.get('source', '')
+  dataset, source = data_config.dataset, data_config.source
   if not dataset:
     raise DataError(
         "data.dataset is empty; set --config.data.dataset to 'digits', 'npz', "
@@ -391,7 +390,7 @@ def load_split(config, split: str,
         f"data.source={source!r} is only read by data.dataset='npz' or 'folder', but "
         f"data.dataset={dataset!r} ignores it; set --config.data.dataset=npz (an .npz file) "
         "or folder (train/ and test/ image folders), or drop --config.data.source")
-  if data_config.get('tfds_data_dir', '') and dataset in ('digits', 'npz', 'folder'):
+  if data_config.tfds_data_dir and dataset in ('digits', 'npz', 'folder'):
     raise DataError(
         f"data.tfds_data_dir is only read for TFDS data sets, but data.dataset={dataset!r} "
         "ignores it; drop --config.data.tfds_data_dir or choose a TFDS data set")
@@ -401,6 +400,5 @@ def load_split(config, split: str,
     return _load_npz(source, split, image_shape, num_bits)
   if dataset == 'folder':
     return _load_folder(source, split, image_shape)
-  return _load_tfds(dataset, split, data_config.get('tfds_data_dir', ''),
-                    image_shape)
+  return _load_tfds(dataset, split, data_config.tfds_data_dir, image_shape)
 

@@ -22,9 +22,10 @@ from absl import flags
 import grain
 import numpy as np
 
-from denseflow_jax.data.augment import AUGMENTATIONS, augment
+from denseflow_jax.data.augment import augment
 from denseflow_jax.data.sources import load_split
 from denseflow_jax.errors import DataError
+from denseflow_jax.settings import DataSettings
 
 # Stored in checkpoints with the iterator state: keep this value so old checkpoints resume.
 _STATE_FORMAT = 'denseflow_jax.data.train_iterator/1'
@@ -214,9 +215,8 @@ def state_from_json(text: str) -> dict:
   return json.loads(text)
 
 
-def read_options(data_config) -> grain.ReadOptions:
-  """grain's read options from ``config.data.prefetch`` (train and eval streams)."""
-  prefetch = max(1, int(data_config.get('prefetch', 2)))
+def read_options(prefetch: int) -> grain.ReadOptions:
+  """grain's read options for ``config.data.prefetch`` (train and eval streams)."""
   return grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
 
 
@@ -236,11 +236,8 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
     C]``; its batches, concatenated over processes in process order, are the
     global batches, the same for any process_count.
   """
-  data = config.data
-  augmentation = data.get('augmentation', 'none')
-  if augmentation not in AUGMENTATIONS:
-    raise DataError(f"data.augmentation='{augmentation}' is unknown; use one "
-                    f'of {AUGMENTATIONS}')
+  data = DataSettings.from_config(config)
+  augmentation = data.augmentation
   global_batch = int(config.train.batch_size)
   local_batch = local_batch_size(global_batch, process_count)
   if not 0 <= process_index < process_count:
@@ -257,17 +254,17 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
         .repeat()
         .map_with_index(example)
         .batch(local_batch, drop_remainder=True)
-        .to_iter_dataset(read_options(data)))
-  worker_count = int(data.get('worker_count', 0))
+        .to_iter_dataset(read_options(data.prefetch)))
+  worker_count = data.worker_count
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():   # grain reads flags in its workers
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count,
-        per_worker_buffer_size=max(1, int(data.get('prefetch', 2)))))
+        per_worker_buffer_size=data.prefetch))
   pipeline = {
-      'dataset': data.get('dataset', ''),
-      'source': data.get('source', ''),
+      'dataset': data.dataset,
+      'source': data.source,
       'num_examples': len(source),
       'image_shape': list(config.model.image_shape),
       'global_batch': global_batch,
