@@ -365,27 +365,28 @@ def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
   directory, 'which': 'latest' | 'best' | 'config.checkpoint', 'step': training step,
   'parameters': 'ema' | 'raw'}`` (step and parameters None where the checkpoint does not
   say)."""
+  best = os.path.join(workdir, BEST_DIR)
   if config.checkpoint and which == 'best':
     raise ConfigError(
-        f'--config.eval.which=best reads {os.path.join(workdir, BEST_DIR)}, but '
-        f'--config.checkpoint={config.checkpoint} names other variables: drop one of the two')
+        f'--config.eval.which=best reads {best}, but --config.checkpoint='
+        f'{config.checkpoint} names other variables: drop one of the two')
   model = model_lib.make_model(config.model)
   if config.checkpoint:
     source, which = config.checkpoint, 'config.checkpoint'
+  elif which == 'best' and holds_model(best):
+    source = best
+  elif not holds_model(workdir):
+    raise CheckpointError(
+        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
+        f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
+        '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
   elif which == 'best':
-    source = os.path.join(workdir, BEST_DIR)
-    if not holds_model(source):
-      raise CheckpointError(
-          f'no best model in {os.path.abspath(source)}: training writes it when a periodic '
-          'test bits/dim improves (train.eval_every_epochs). Use --config.eval.which=latest '
-          'for the latest checkpoint')
+    raise CheckpointError(
+        f'no best model in {os.path.abspath(best)}: training writes it when a periodic '
+        'test bits/dim improves (train.eval_every_epochs). Use --config.eval.which=latest '
+        'for the latest checkpoint')
   else:
     source = workdir
-    if not holds_model(workdir):
-      raise CheckpointError(
-          f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
-          f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
-          '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
   variables, info = _read_variables(source, config, use_ema)
   return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info}
 

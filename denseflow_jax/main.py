@@ -78,6 +78,11 @@ def main(argv):
             '; options are written --name=value (python -m denseflow_jax.main --help)')
     raise SystemExit(f'error: unexpected argument {argv[1]!r}{hint}')
   logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO
+  if _MULTIHOST.value and _MODE.value != 'train':
+    # The other modes are not split over processes: each would repeat the whole job and
+    # write its own numbered copy of every result.
+    raise SystemExit(f'error: --multihost is for --mode train; run --mode {_MODE.value} on '
+                     'one host, without --multihost (it reads the shared --workdir)')
   if _MULTIHOST.value:
     # None lets JAX auto-detect (TPU metadata, SLURM, Open MPI, Kubernetes) or read
     # $JAX_COORDINATOR_ADDRESS; it reads no environment variable for the other two.

@@ -148,6 +148,16 @@ def test_configs_load_from_any_working_directory(tmp_path):
   assert 'total' in proc.stdout
 
 
+def test_multihost_is_refused_for_modes_that_are_not_split_over_processes(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'denseflow_jax.main', '--config',
+                         'configs/digits.py', '--mode', 'eval', '--multihost',
+                         f'--workdir={tmp_path}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert proc.stderr.strip() == ('error: --multihost is for --mode train; run --mode eval on '
+                                 'one host, without --multihost (it reads the shared --workdir)')
+
+
 def test_missing_config_file_is_one_line(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'denseflow_jax.main', '--config',
                          'configs/nonexistent.py', '--mode', 'summary'],
