@@ -15,8 +15,8 @@ runs the train mode again with the config's ``train.num_steps``, which resumes f
 checkpoint in the same process (the compiled steps are cached: no second compilation).
 
 The file is also the config file of the runs (``--config tests/multihost_worker.py``):
-:func:`get_config` is a tiny digits model (one unit of one Glow-coupling module,
-uniform dequantization) that compiles in seconds.
+:func:`get_config` is helpers.tiny_config with one unit of one Glow-coupling module and
+uniform dequantization, on the digits: it compiles in seconds.
 """
 import os
 import sys
@@ -25,26 +25,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config():
-  from configs import default   # pylint: disable=import-outside-toplevel
-  c = default.get_config()
-  m = c.model
-  m.image_shape, m.num_bits = (8, 8, 1), 5
-  m.block_config, m.layers_config, m.mid_channels, m.growth_rate = (1,), (1,), (8,), 2
-  m.coupling_net, m.glow_channels, m.dequantization = 'glow', 8, 'uniform'
-  c.data.dataset = 'digits'                  # 1500 training images: 93 steps of 16
-  c.data.augmentation = 'horizontal_flip'    # seeded per example of the global stream
-  t = c.train
-  t.batch_size = 16                          # the global batch: 8 rows per process of 2
-  t.num_steps = 3                            # no epoch ends: no sample grids
-  t.lr = 1e-3
-  t.warmup_steps = 2
-  t.grad_clip = 1.0
-  t.ema_decay = 0.9
-  t.log_every = 1
-  t.checkpoint_every_steps = 2
-  c.eval.batch_size = 16                     # the evaluation at the end: one batch
-  c.eval.num_examples = 16
-  return c
+  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  from helpers import GLOW, tiny_config   # pylint: disable=import-outside-toplevel
+  return tiny_config({
+      **GLOW, 'model.block_config': (1,),
+      'data.augmentation': 'horizontal_flip',      # seeded per example of the global stream
+      'train.batch_size': 16,                      # the global batch: 8 rows per process of 2
+      'train.num_steps': 3,                        # no epoch ends: no sample grids
+      'train.lr': 1e-3, 'train.warmup_steps': 2, 'train.grad_clip': 1.0,
+      'train.ema_decay': 0.9, 'train.log_every': 1, 'train.checkpoint_every_steps': 2,
+      'eval.batch_size': 16, 'eval.num_examples': 16})   # the final evaluation: one batch
 
 
 def main():
