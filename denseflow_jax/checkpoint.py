@@ -42,8 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from denseflow_jax import model as model_lib
-from denseflow_jax.errors import CheckpointError, ConfigError
+from denseflow_jax.errors import CheckpointError
 from denseflow_jax.files import write_json_atomic
 from denseflow_jax.state_dict import flatten, report_mismatches
 
@@ -320,12 +319,12 @@ def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = Fa
       naming the differing fields otherwise).
     use_ema: for a training workdir, return the EMA parameters where the run kept them.
   """
-  return _read_variables(directory, config, use_ema)[0]
+  return read_variables(directory, config, use_ema)[0]
 
 
-def _read_variables(directory, config, use_ema: bool):
-  """(variables, {'step', 'parameters'}) of :func:`load_variables`: the training step they
-  are from and 'ema' or 'raw' (None where the checkpoint does not say)."""
+def read_variables(directory, config=None, use_ema: bool = False):
+  """(variables, {'step', 'parameters'}): :func:`load_variables` and the training step the
+  variables are from and 'ema' or 'raw' (None where the checkpoint does not say)."""
   directory = pathlib.Path(directory).resolve()
   if not directory.exists():
     raise CheckpointError(f'checkpoint {directory} does not exist; set --config.checkpoint '
@@ -352,43 +351,6 @@ def _read_variables(directory, config, use_ema: bool):
   variables = _plain(variables)
   variables.setdefault('batch_stats', {})
   return jax.tree.map(np.asarray, variables), info
-
-
-def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
-  """(model, variables, loaded) for every mode that runs a trained model.
-
-  The variables are those of ``config.checkpoint`` (e.g. a converted official model) when
-  set; else, with ``which='latest'``, the workdir's latest checkpoint (its EMA parameters
-  when ``use_ema`` and the run kept them); with ``which='best'``, WORKDIR/best (what
-  training saved at its best periodic test bits/dim, EMA or raw as ``eval.use_ema`` was
-  during training). ``loaded`` says what was read, for the result files: ``{'checkpoint':
-  directory, 'which': 'latest' | 'best' | 'config.checkpoint', 'step': training step,
-  'parameters': 'ema' | 'raw'}`` (step and parameters None where the checkpoint does not
-  say)."""
-  best = os.path.join(workdir, BEST_DIR)
-  if config.checkpoint and which == 'best':
-    raise ConfigError(
-        f'--config.eval.which=best reads {best}, but --config.checkpoint='
-        f'{config.checkpoint} names other variables: drop one of the two')
-  model = model_lib.make_model(config.model)
-  if config.checkpoint:
-    source, which = config.checkpoint, 'config.checkpoint'
-  elif which == 'best' and holds_model(best):
-    source = best
-  elif not holds_model(workdir):
-    raise CheckpointError(
-        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
-        f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
-        '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
-  elif which == 'best':
-    raise CheckpointError(
-        f'no best model in {os.path.abspath(best)}: training writes it when a periodic '
-        'test bits/dim improves (train.eval_every_epochs). Use --config.eval.which=latest '
-        'for the latest checkpoint')
-  else:
-    source = workdir
-  variables, info = _read_variables(source, config, use_ema)
-  return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info}
 
 
 def check_variables(variables: Mapping, abstract: Mapping, where: str) -> None:

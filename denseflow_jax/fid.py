@@ -41,6 +41,7 @@ from denseflow_jax import data, inception
 from denseflow_jax.errors import ConfigError, FIDError
 from denseflow_jax.evaluate import iterate_samples, to_display
 from denseflow_jax.files import unused_stem, write_json_atomic, write_npz_atomic
+from denseflow_jax.loading import loaded_label
 from denseflow_jax.settings import FidSettings
 
 SINGULAR_EPS = 1e-6
@@ -210,10 +211,10 @@ def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
             feature_fn: Optional[FeatureFn] = None, feature_id: Optional[str] = None,
             progress: bool = True) -> Dict[str, Any]:
   """FID of fid.num_samples samples against each of fid.splits (`settings`:
-  ``FidSettings.from_config(config)``); writes WORKDIR/fid_T<temperature>_n<num>.json and
+  ``FidSettings.from_config(config)``); writes WORKDIR/fid_T<temperature>_n<num>_<loaded>.json and
   returns its contents.
 
-  load_model(config, workdir) -> (model, variables, loaded) (checkpoint.load_model) runs after
+  load_model(config, workdir) -> (model, variables, loaded) (loading.load_model) runs after
   the Inception weights are checked (modes passes the loader `--mode eval` uses); feature_fn
   (uint8 [B, H, W, C] in 0..255 -> [B, D]) defaults to the FID Inception of
   fid.inception_weights, and feature_id (part of the cache names) to its digest.
@@ -250,8 +251,8 @@ def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
       'seed': int(config.seed),
       'seconds': time.perf_counter() - start_time,
   }
-  path = unused_stem(os.path.join(os.fspath(workdir), f'fid_T{temperature:g}_n{num}'),
-                     ('.json',)) + '.json'
+  name = f'fid_T{temperature:g}_n{num}_{loaded_label(loaded)}'
+  path = unused_stem(os.path.join(os.fspath(workdir), name), ('.json',)) + '.json'
   write_json_atomic(path, result)
   for split, value in result['fid'].items():
     print(f'FID vs {split}: {value:.3f} ({num} samples at temperature {temperature:g})')

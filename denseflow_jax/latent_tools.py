@@ -41,6 +41,7 @@ import numpy as np
 
 from denseflow_jax import data, evaluate
 from denseflow_jax.files import unused_stem, write_json_atomic, write_npz_atomic
+from denseflow_jax.loading import loaded_label
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.errors import ConfigError
@@ -50,7 +51,7 @@ LATENT_DIR = 'latent'
 # Below this sin W the two latents are (anti)parallel: slerp is then linear or undefined.
 SLERP_MIN_SIN = 1e-6
 
-LoadModel = Callable   # (config, workdir) -> (model, variables, loaded): checkpoint.load_model
+LoadModel = Callable   # (config, workdir) -> (model, variables, loaded): loading.load_model
 
 
 # ---------------------------------------------------------------- settings
@@ -164,15 +165,15 @@ def _out_dir(workdir):
 
 def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel):
   """Interpolates between pairs of test images -> WORKDIR/latent/
-  interpolate_<method>_<pairs>.png (pairs: '0-1_2-3' for the test images 0 with 1, 2 with 3)
-  (one row per pair, `steps` columns from image a to image b) and .npz with images
+  interpolate_<method>_<pairs>_<loaded>.png (pairs '0-1_2-3': test images 0 with 1, 2
+  with 3; one row per pair, `steps` columns from image a to image b) and .npz with images
   (uint8 [P, steps, H, W, C]), continuous ([0, 1) float32, same shape), originals
   ([P, 2, H, W, C]), indices [P, 2], t [steps], weights [P, steps, 2] and method.
   Returns the uint8 images."""
   source = _test_split(config)
   pairs = interpolation_pairs(settings, len(source))
   steps, method = settings.steps, settings.method
-  model, variables, _ = load_model(config, workdir)
+  model, variables, loaded = load_model(config, workdir)
   originals = np.stack([source[int(i)] for i in pairs.ravel()])
   start = time.perf_counter()
   _, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(config.seed))
@@ -185,8 +186,10 @@ def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel
   images, continuous = images.reshape(shape), continuous.reshape(shape)
   originals = originals.reshape(len(pairs), 2, *originals.shape[1:])
 
-  name = f'interpolate_{method}_{_pairs_name(pairs)}'
-  stem = unused_stem(os.path.join(_out_dir(workdir), name), ('.png', '.npz'))
+  pairs_name = _list_name([f'{a}-{b}' for a, b in pairs.tolist()], '_', 'pairs')
+  stem = unused_stem(os.path.join(
+      _out_dir(workdir), f'interpolate_{method}_{pairs_name}_{loaded_label(loaded)}'),
+      ('.png', '.npz'))
   evaluate.save_sample_grid(stem + '.png', images.reshape(-1, *shape[2:]), model.spec.num_bits,
                             ncols=steps)
   write_npz_atomic(stem + '.npz', images=images, continuous=continuous, originals=originals,
@@ -199,14 +202,12 @@ def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel
   return images
 
 
-def _pairs_name(pairs) -> str:
-  """The pairs in the interpolation's file name: '0-1_2-3' for (0, 1), (2, 3); from five
-  pairs on, their count and a digest of the indices ('50pairs-1a2b3c4d'; the .npz keeps
-  the indices)."""
-  pairs = np.asarray(pairs).tolist()
-  if len(pairs) <= 4:
-    return '_'.join(f'{a}-{b}' for a, b in pairs)
-  return f'{len(pairs)}pairs-' + hashlib.sha1(repr(pairs).encode()).hexdigest()[:8]
+def _list_name(parts, separator: str, what: str) -> str:
+  """Settings in a file name: up to four parts joined ('0-1_2-3'); more as their count and
+  a digest ('50pairs-1a2b3c4d'), so that a name stays short (the .npz holds the values)."""
+  if len(parts) <= 4:
+    return separator.join(parts)
+  return f'{len(parts)}{what}-' + hashlib.sha1(separator.join(parts).encode()).hexdigest()[:8]
 
 
 def _alternating_rows(originals, reconstructions, per_row: int, num_bits: int):
@@ -223,8 +224,8 @@ def _alternating_rows(originals, reconstructions, per_row: int, num_bits: int):
 
 def reconstruct(config, settings: LatentSettings, workdir, load_model: LoadModel):
   """The first latent.num_images test images and inverse(encode(x)) -> WORKDIR/latent/
-  reconstruct_n<num_images>.png (rows alternate: originals, then their reconstructions
-  below them, latent.num_per_row per row), .npz (originals, reconstructions uint8;
+  reconstruct_n<num_images>_<loaded>.png (rows alternate: originals, then their
+  reconstructions below them, latent.num_per_row per row), .npz (originals, reconstructions uint8;
   continuous, continuous_reconstructed float32 [0, 1)) and .json with the maximum absolute
   error in uint8 levels and in continuous units, how many values (and pixels: any channel)
   differ, and what was loaded. Returns the JSON dict."""
@@ -246,8 +247,9 @@ def reconstruct(config, settings: LatentSettings, workdir, load_model: LoadModel
       'num_pixels': int(diff[..., 0].size),
       **loaded,
   }
-  stem = unused_stem(os.path.join(_out_dir(workdir), f'reconstruct_n{num_images}'),
-                     ('.png', '.npz', '.json'))
+  stem = unused_stem(os.path.join(
+      _out_dir(workdir), f'reconstruct_n{num_images}_{loaded_label(loaded)}'),
+      ('.png', '.npz', '.json'))
   ncols = min(per_row, num_images)
   evaluate.save_sample_grid(
       stem + '.png',
@@ -268,16 +270,18 @@ def sweep(config, settings: LatentSettings, workdir, load_model: LoadModel, batc
   """`evaluate.temperature_sweep_grid`: row t at latent.temperatures[t] (0 = the mode of
   every latent, so that row is one image repeated), column n with the noise of
   fold_in(PRNGKey(seed), n) in every row (the row at T = 1 is `--mode sample`'s first
-  images) -> WORKDIR/latent/temperature_sweep_T<t1-t2-...>_n<n>.png and .npz (images
-  [T, n, H, W, C], temperatures), sampled `batch_size` (sample.batch_size) at a time.
-  Returns the images [T * n, H, W, C]."""
+  images) -> WORKDIR/latent/temperature_sweep_T<t1-t2-...>_n<n>_<loaded>.png and .npz
+  (images [T, n, H, W, C], temperatures), sampled `batch_size` (sample.batch_size) at a
+  time. Returns the images [T * n, H, W, C]."""
   temperatures, per_row = settings.temperatures, settings.num_per_row
-  model, variables, _ = load_model(config, workdir)
-  name = 'temperature_sweep_T' + '-'.join(f'{t:g}' for t in temperatures) + f'_n{per_row}'
-  stem = unused_stem(os.path.join(_out_dir(workdir), name), ('.png', '.npz'))
+  model, variables, loaded = load_model(config, workdir)
   images = evaluate.temperature_sweep_grid(model, variables, jax.random.PRNGKey(config.seed),
-                                           stem + '.png', temperatures, per_row,
-                                           batch_size=batch_size)
+                                           None, temperatures, per_row, batch_size=batch_size)
+  temps = _list_name([f'{t:g}' for t in temperatures], '-', 'temps')
+  stem = unused_stem(os.path.join(
+      _out_dir(workdir), f'temperature_sweep_T{temps}_n{per_row}_{loaded_label(loaded)}'),
+      ('.png', '.npz'))
+  evaluate.save_sample_grid(stem + '.png', images, model.spec.num_bits, ncols=per_row)
   write_npz_atomic(stem + '.npz',
                    images=images.reshape(len(temperatures), per_row, *images.shape[1:]),
                    temperatures=np.asarray(temperatures))

@@ -59,7 +59,8 @@ configs: {configs}
 
 common overrides:
   --config.train.batch_size=64  --config.train.num_steps=N  --config.seed=1
-  --config.eval.k=1000  --config.eval.use_ema=False  --config.checkpoint=DIR
+  --config.eval.k=1000  --config.eval.use_ema=False  --config.eval.which=best
+  --config.checkpoint=DIR
   --config.data.dataset=npz --config.data.source=data.npz
   --config.model.compute_dtype=bfloat16  --config.model.remat=True
 every field: configs/default.py; all flags: --helpfull; documentation: README.md

@@ -2,7 +2,7 @@
 
 Every mode first builds the settings of each section it reads (settings.py: a ConfigError
 naming the field), then loads data and the model: a bad value never waits for a load.
-The modes that run a trained model get it from `checkpoint.load_model`; `run` applies
+The modes that run a trained model get it from `loading.load_model`; `run` applies
 `ablation.finalize_config` and checks the model and --workdir before any mode starts.
 """
 import dataclasses
@@ -13,7 +13,7 @@ import time
 
 import jax
 
-from denseflow_jax import checkpoint, data, latent_tools
+from denseflow_jax import data, latent_tools
 from denseflow_jax import evaluate as evaluate_lib
 from denseflow_jax import fid as fid_lib
 from denseflow_jax import model as model_lib
@@ -21,6 +21,7 @@ from denseflow_jax import train as train_lib
 from denseflow_jax.ablation import finalize_config
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.files import unused_stem
+from denseflow_jax.loading import load_model, loaded_label
 from denseflow_jax.settings import (DataSettings, EvalSettings, FidSettings, LatentSettings,
                                     RunSettings, SampleSettings, TrainSettings)
 from denseflow_jax.spec import spec_from_config
@@ -36,16 +37,10 @@ def summary(config, workdir=None):
 
 
 def _loader(eval_settings: EvalSettings):
-  """`load_model(config, workdir)` for every mode: checkpoint.load_model with eval.use_ema
+  """`load_model(config, workdir)` for every mode: loading.load_model with eval.use_ema
   and eval.which."""
-  return lambda config, workdir: checkpoint.load_model(config, workdir, eval_settings.use_ema,
-                                                       eval_settings.which)
-
-
-def _label(loaded) -> str:
-  """What was evaluated, for a file name: 'latest_ema', 'best_raw', 'checkpoint', ..."""
-  which = 'checkpoint' if loaded['which'] == 'config.checkpoint' else loaded['which']
-  return '_'.join(part for part in (which, loaded['parameters']) if part)
+  return lambda config, workdir: load_model(config, workdir, eval_settings.use_ema,
+                                            eval_settings.which)
 
 
 # Every mode that loads a model reads eval.use_ema; those that read images read data.*.
@@ -66,7 +61,7 @@ def evaluate(config, workdir):
       model, variables, images[mask], jax.random.fold_in(key, 10**6))
   result.update(loaded, seed=run.seed)
   path = evaluate_lib.write_eval_json(workdir, result,
-                                      name=f'test_k{result["k"]}_{_label(loaded)}')
+                                      name=f'test_k{result["k"]}_{loaded_label(loaded)}')
   print(json.dumps(result, indent=1))
   print(f'wrote {path}')
   return result
@@ -86,8 +81,8 @@ def sample(config, workdir):
   seconds = time.perf_counter() - start
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(out_dir, exist_ok=True)
-  stem = unused_stem(os.path.join(out_dir, f'samples_T{temperature:g}_n{num}'),
-                     ('.png', '.npz'))
+  stem = unused_stem(os.path.join(
+      out_dir, f'samples_T{temperature:g}_n{num}_{loaded_label(loaded)}'), ('.png', '.npz'))
   evaluate_lib.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits)
   evaluate_lib.save_samples_npz(stem + '.npz', images, temperature, seconds)
   print(f'{num} samples at temperature {temperature:g} in {seconds:.2f} s '

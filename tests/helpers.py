@@ -15,8 +15,8 @@ from denseflow_jax.settings import TrainSettings
 TRAIN_BATCH = 16
 
 
-# The tiny model every test config starts from: one block of one unit, 8 mid channels,
-# on 8x8 5-bit digits (compiles in seconds on one core).
+# The tiny model every test config starts from: one block of two units of one module each,
+# 8 mid channels, on 8x8 5-bit digits (compiles in seconds on one core).
 TINY = {
     'model.image_shape': (8, 8, 1), 'model.num_bits': 5, 'model.block_config': (2,),
     'model.layers_config': (1,), 'model.mid_channels': (8,), 'model.growth_rate': 2,

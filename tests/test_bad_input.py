@@ -36,6 +36,7 @@ import pytest
 
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import loading
 from denseflow_jax import main as main_lib
 from denseflow_jax import modes
 from denseflow_jax import train
@@ -131,9 +132,9 @@ def test_eval_which_best_without_best_or_beside_config_checkpoint(two_checkpoint
   config.eval.which = 'best'
   with pytest.raises(errors.CheckpointError, match='no best model in .*best: training writes '
                      'it .*Use --config.eval.which=latest'):
-    ckpt_lib.load_model(config, str(workdir), use_ema=False, which='best')
+    loading.load_model(config, str(workdir), use_ema=False, which='best')
   with pytest.raises(errors.CheckpointError, match='no checkpoint in .*empty: train first'):
-    ckpt_lib.load_model(config, str(workdir / 'empty'), use_ema=False, which='best')
+    loading.load_model(config, str(workdir / 'empty'), use_ema=False, which='best')
   config.checkpoint = str(workdir)
   with pytest.raises(ConfigError, match='--config.eval.which=best reads .* but '
                      '--config.checkpoint=.* names other variables: drop one'):

@@ -8,6 +8,7 @@ import pytest
 
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import loading
 from denseflow_jax import train
 from denseflow_jax import train_step
 from helpers import assert_trees_equal, fake_state, random_variables, tiny_config
@@ -127,3 +128,18 @@ def test_model_config_diff_ignores_tuple_vs_list():
   config.model.noise = 'white'
   assert ckpt_lib.model_config_diff(stored, config) == {
       'noise': ('preconditioned', 'white')}
+
+
+def test_load_model_says_what_it_loaded_from_config_checkpoint(tmp_path):
+  config = tiny_config()
+  variables = random_variables()
+  ckpt_lib.save_variables(tmp_path / 'converted', variables, config)   # says nothing more
+  ckpt_lib.save_variables(tmp_path / 'best', variables, config, {'step': 7, 'parameters': 'ema'})
+  for name, step, parameters, label in (('converted', None, None, 'checkpoint'),
+                                        ('best', 7, 'ema', 'checkpoint_ema')):
+    config.checkpoint = str(tmp_path / name)
+    _, got, loaded = loading.load_model(config, str(tmp_path / 'unused'), use_ema=False)
+    assert_trees_equal(got, variables)
+    assert loaded == {'checkpoint': str(tmp_path / name), 'which': 'config.checkpoint',
+                      'step': step, 'parameters': parameters}
+    assert loading.loaded_label(loaded) == label

@@ -14,7 +14,7 @@ from denseflow_jax import data
 from helpers import tiny_config
 
 
-def make_config(dataset='digits', source='', image_shape=(8, 8, 1), num_bits=5,
+def data_config(dataset='digits', source='', image_shape=(8, 8, 1), num_bits=5,
                 batch_size=16, augmentation='none', seed=0, worker_count=0,
                 eval_batch_size=32):
   """helpers.tiny_config with the fields the data pipeline reads set as given."""
@@ -56,7 +56,7 @@ def random_npz(tmp_path):
 
 
 def test_digits_splits_follow_the_stated_permutation():
-  config = make_config()
+  config = data_config()
   train = data.load_split(config.data, 'train', (8, 8, 1), 5)
   test = data.load_split(config.data, 'test', (8, 8, 1), 5)
   assert (len(train), len(test)) == (1500, 297)
@@ -72,7 +72,7 @@ def test_digits_splits_follow_the_stated_permutation():
 
 
 def test_digits_rejects_too_few_bits_and_unknown_split():
-  config = make_config()
+  config = data_config()
   with pytest.raises(errors.DataError, match='num_bits=5'):
     data.load_split(config.data, 'train', (8, 8, 1), num_bits=4)
   with pytest.raises(errors.DataError, match="'validation'"):
@@ -83,7 +83,7 @@ def test_digits_rejects_too_few_bits_and_unknown_split():
 
 
 def test_npz_happy_path(id_npz):
-  config = make_config('npz', id_npz, image_shape=(4, 4, 1), num_bits=8)
+  config = data_config('npz', id_npz, image_shape=(4, 4, 1), num_bits=8)
   train = data.load_split(config.data, 'train', (4, 4, 1), 8)
   test = data.load_split(config.data, 'test', (4, 4, 1), 8)
   assert (len(train), len(test)) == (50, 13)
@@ -95,7 +95,7 @@ def test_npz_happy_path(id_npz):
 def test_load_split_takes_the_full_config_or_its_data_section(id_npz):
   """The full config checks the images against config.model; config.data checks only what
   the call passes; passed values win over the model's."""
-  config = make_config('npz', id_npz, image_shape=(4, 4, 1), num_bits=8)
+  config = data_config('npz', id_npz, image_shape=(4, 4, 1), num_bits=8)
   full = data.load_split(config, 'test')
   part = data.load_split(config.data, 'test', (4, 4, 1), 8)
   assert len(full) == len(part) == 13
@@ -140,17 +140,17 @@ def _save(path, **arrays):
 ])
 def test_npz_errors(tmp_path, arrays, image_shape, num_bits, expected):
   path = _save(tmp_path / 'bad.npz', **arrays)
-  config = make_config('npz', path)
+  config = data_config('npz', path)
   with pytest.raises(errors.DataError, match=expected):
     data.load_split(config.data, 'test', image_shape, num_bits)
 
 
 def test_npz_missing_file_and_missing_source(tmp_path):
-  config = make_config('npz', str(tmp_path / 'nope.npz'))
+  config = data_config('npz', str(tmp_path / 'nope.npz'))
   with pytest.raises(errors.DataError, match='does not exist.*data.source'):
     data.load_split(config.data, 'train')
   with pytest.raises(errors.DataError, match='needs data.source'):
-    data.load_split(make_config('npz', '').data, 'train')
+    data.load_split(data_config('npz', '').data, 'train')
 
 
 # ---- folder ----------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_folder_happy_path_rgb_and_grey(tmp_path):
   _write_pngs(tmp_path / 'train', train)
   _write_pngs(tmp_path / 'test' / 'class_a', test)    # nested folders too
   (tmp_path / 'train' / 'README.txt').write_text('not an image')
-  config = make_config('folder', str(tmp_path))
+  config = data_config('folder', str(tmp_path))
   src = data.load_split(config.data, 'train', (6, 5, 3))
   assert len(src) == 3
   np.testing.assert_array_equal(np.stack([src[i] for i in range(3)]), train)
@@ -187,23 +187,23 @@ def test_folder_unreadable_file_and_mixed_sizes(tmp_path):
   _write_pngs(tmp_path / 'a' / 'train', np.zeros((2, 6, 6, 3), np.uint8))
   (tmp_path / 'a' / 'train' / 'broken.png').write_bytes(b'not a png at all')
   with pytest.raises(errors.DataError, match='broken.png'):
-    data.load_split(make_config('folder', str(tmp_path / 'a')).data, 'train')
+    data.load_split(data_config('folder', str(tmp_path / 'a')).data, 'train')
 
   _write_pngs(tmp_path / 'b' / 'train', np.zeros((2, 6, 6, 3), np.uint8))
   Image.fromarray(np.zeros((7, 6, 3), np.uint8)).save(
       tmp_path / 'b' / 'train' / 'odd.png')
   with pytest.raises(errors.DataError, match=r'odd.png is 7x6.*same size'):
-    data.load_split(make_config('folder', str(tmp_path / 'b')).data, 'train')
+    data.load_split(data_config('folder', str(tmp_path / 'b')).data, 'train')
 
   with pytest.raises(errors.DataError, match='no test/ sub-folder'):
-    data.load_split(make_config('folder', str(tmp_path / 'b')).data, 'test')
+    data.load_split(data_config('folder', str(tmp_path / 'b')).data, 'test')
 
 
 def test_folder_truncated_file_fails_on_read_naming_it(tmp_path):
   _write_pngs(tmp_path / 'train', np.full((1, 16, 16, 3), 7, np.uint8))
   path = tmp_path / 'train' / 'img_000.png'
   path.write_bytes(path.read_bytes()[:60])     # header intact, data cut
-  src = data.load_split(make_config('folder', str(tmp_path)).data, 'train')
+  src = data.load_split(data_config('folder', str(tmp_path)).data, 'train')
   with pytest.raises(errors.DataError, match='img_000.png'):
     src[0]
 
@@ -212,7 +212,7 @@ def test_folder_truncated_file_fails_on_read_naming_it(tmp_path):
 
 
 def test_tfds_cifar10_with_mock_data():
-  config = make_config('cifar10', image_shape=(32, 32, 3), num_bits=8,
+  config = data_config('cifar10', image_shape=(32, 32, 3), num_bits=8,
                        batch_size=4, augmentation='eta', eval_batch_size=4)
   with tfds.testing.mock_data(num_examples=10):
     train = data.load_split(config.data, 'train', (32, 32, 3))
@@ -227,7 +227,7 @@ def test_tfds_cifar10_with_mock_data():
 
 
 def test_tfds_celeba_is_cropped_and_resized():
-  config = make_config('celeb_a', image_shape=(64, 64, 3))
+  config = data_config('celeb_a', image_shape=(64, 64, 3))
   with tfds.testing.mock_data(num_examples=3):
     test = data.load_split(config.data, 'test', (64, 64, 3))
     assert test[0].shape == (64, 64, 3) and test[0].dtype == np.uint8
@@ -266,7 +266,7 @@ def test_unprepared_tfds_dataset_names_the_prepare_command(tmp_path,
     return data_source(*args, **kwargs)
 
   monkeypatch.setattr(tfds, 'data_source', spy)
-  config = make_config('cifar10', image_shape=(32, 32, 3))
+  config = data_config('cifar10', image_shape=(32, 32, 3))
   config.data.tfds_data_dir = str(tmp_path)
   with pytest.raises(errors.DataError) as info:
     data.load_split(config.data, 'train')
@@ -280,7 +280,7 @@ def test_unprepared_tfds_dataset_names_the_prepare_command(tmp_path,
 
 
 def test_unknown_dataset_name():
-  config = make_config('no_such_dataset_xyz')
+  config = data_config('no_such_dataset_xyz')
   with pytest.raises(errors.DataError, match='neither one of'):
     data.load_split(config.data, 'train')
 
@@ -349,7 +349,7 @@ def test_augment_is_deterministic_and_changes_images():
 
 
 def test_train_iterator_is_deterministic_and_resumes_exactly():
-  config = make_config(batch_size=64, augmentation='eta')   # 23 steps/epoch
+  config = data_config(batch_size=64, augmentation='eta')   # 23 steps/epoch
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
   first = data.make_train_iterator(config, source=source)
   second = data.make_train_iterator(config, source=source)
@@ -367,13 +367,13 @@ def test_train_iterator_is_deterministic_and_resumes_exactly():
   for a in reference:
     np.testing.assert_array_equal(a, next(resumed))
   assert resumed.step == 30 and resumed.epoch == 1
-  other_seed = data.make_train_iterator(make_config(
+  other_seed = data.make_train_iterator(data_config(
       batch_size=64, augmentation='eta', seed=1), source=source)
   assert not np.array_equal(next(other_seed), head[0])
 
 
 def test_each_epoch_is_a_new_permutation_without_repeats(id_npz):
-  config = make_config('npz', id_npz, (4, 4, 1), 8, batch_size=8)
+  config = data_config('npz', id_npz, (4, 4, 1), 8, batch_size=8)
   iterator = data.make_train_iterator(config)
   steps = data.steps_per_epoch(config)
   assert steps == iterator.steps_per_epoch == 50 // 8
@@ -387,7 +387,7 @@ def test_each_epoch_is_a_new_permutation_without_repeats(id_npz):
 
 
 def test_processes_get_disjoint_rows_of_the_same_global_batches():
-  config = make_config(batch_size=32, augmentation='eta')
+  config = data_config(batch_size=32, augmentation='eta')
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
   single = data.make_train_iterator(config, source=source)
   procs = [data.make_train_iterator(config, p, 2, source=source)
@@ -399,7 +399,7 @@ def test_processes_get_disjoint_rows_of_the_same_global_batches():
 
 
 def test_process_shards_are_disjoint_examples(id_npz):
-  config = make_config('npz', id_npz, (4, 4, 1), 8, batch_size=8)
+  config = data_config('npz', id_npz, (4, 4, 1), 8, batch_size=8)
   procs = [data.make_train_iterator(config, p, 2) for p in range(2)]
   seen = [np.concatenate([ids(next(it)) for _ in range(6)]) for it in procs]
   assert not set(seen[0].tolist()) & set(seen[1].tolist())
@@ -407,7 +407,7 @@ def test_process_shards_are_disjoint_examples(id_npz):
 
 
 def test_resume_with_other_process_count_and_mismatched_settings():
-  config = make_config(batch_size=32)
+  config = data_config(batch_size=32)
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
   single = data.make_train_iterator(config, source=source)
   for _ in range(3):
@@ -417,13 +417,13 @@ def test_resume_with_other_process_count_and_mismatched_settings():
   half.set_state(state)
   np.testing.assert_array_equal(next(half), next(single)[16:])
 
-  bigger = data.make_train_iterator(make_config(batch_size=64), source=source)
+  bigger = data.make_train_iterator(data_config(batch_size=64), source=source)
   with pytest.raises(errors.DataError, match='global_batch'):
     bigger.set_state(state)
   with pytest.raises(errors.DataError, match='format'):
     bigger.set_state({'next_index': 3})
   # A new layout is applied by step count only without grain workers.
-  workers = data.make_train_iterator(make_config(batch_size=32,
+  workers = data.make_train_iterator(data_config(batch_size=32,
                                                  worker_count=1), 1, 2,
                                      source=source)
   with pytest.raises(errors.DataError, match='worker_count=0'):
@@ -435,11 +435,11 @@ def test_resume_with_other_process_count_and_mismatched_settings():
                     reason='starts grain worker processes (~15 s); set '
                     'DENSEFLOW_SLOW_TESTS=1')
 def test_grain_workers_give_the_same_batches_and_resume():
-  config = make_config(batch_size=32, augmentation='eta')
+  config = data_config(batch_size=32, augmentation='eta')
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
   reference = data.make_train_iterator(config, source=source)
   expected = [next(reference) for _ in range(6)]
-  workers = make_config(batch_size=32, augmentation='eta', worker_count=2)
+  workers = data_config(batch_size=32, augmentation='eta', worker_count=2)
   first = data.make_train_iterator(workers, source=source)
   got = [next(first) for _ in range(2)]
   state = data.state_from_json(data.state_to_json(first.get_state()))
@@ -455,21 +455,21 @@ def test_grain_workers_give_the_same_batches_and_resume():
 
 
 def test_batch_size_checks():
-  config = make_config(batch_size=30)
+  config = data_config(batch_size=30)
   with pytest.raises(errors.DataError, match='multiple of 4'):
     data.make_train_iterator(config, 0, 4)
   with pytest.raises(errors.DataError, match='multiple of 4'):
     data.steps_per_epoch(config, process_count=4)
   assert data.steps_per_epoch(config) == 1500 // 30
   with pytest.raises(errors.DataError, match='fewer than one global batch'):
-    data.steps_per_epoch(make_config(batch_size=2048))
+    data.steps_per_epoch(data_config(batch_size=2048))
 
 
 # ---- evaluation ------------------------------------------------------------
 
 
 def test_eval_covers_each_example_once_in_order(id_npz):
-  config = make_config('npz', id_npz, (4, 4, 1), 8)
+  config = data_config('npz', id_npz, (4, 4, 1), 8)
   batches = list(data.iterate_eval(config, 'train', batch_size=8))
   assert len(batches) == data.eval_num_batches(config, 'train', 8) == 7
   for images, mask in batches:
@@ -488,7 +488,7 @@ def test_eval_covers_each_example_once_in_order(id_npz):
 
 
 def test_eval_over_two_processes(id_npz):
-  config = make_config('npz', id_npz, (4, 4, 1), 8)
+  config = data_config('npz', id_npz, (4, 4, 1), 8)
   single = list(data.iterate_eval(config, 'train', batch_size=8))
   parts = [list(data.iterate_eval(config, 'train', batch_size=8,
                                   process_index=p, process_count=2))

@@ -23,13 +23,13 @@ SPEC = ModelSpec(image_shape=(8, 8, 1), num_bits=5, block_config=(2,), layers_co
 BATCH = 8
 
 
-def make_config(batch_size=64, k=1, k_chunk=50):
+def eval_config(batch_size=64, k=1, k_chunk=50):
   return tiny_config({'eval.batch_size': batch_size, 'eval.k': k, 'eval.k_chunk': k_chunk,
                       'eval.use_ema': True, 'eval.num_examples': -1})
 
 
 def digits_images(num):
-  source = data.load_split(make_config().data, 'test', SPEC.image_shape, SPEC.num_bits)
+  source = data.load_split(eval_config().data, 'test', SPEC.image_shape, SPEC.num_bits)
   return np.stack([source[i] for i in range(num)])
 
 
@@ -74,7 +74,7 @@ def test_iwbo_rejects_non_positive_k(k, k_chunk):
 def test_evaluate_dataset_excludes_padded_rows():
   """297 test digits in batches of 64: the last batch has 23 zero rows that a
   wrong mask would count (their fake bound, 0, is far from the others)."""
-  config = make_config(batch_size=64)
+  config = eval_config(batch_size=64)
   def log_prob_fn(variables, x, keys):
     del variables, keys
     return -jnp.sum(x.reshape(x.shape[0], -1).astype(jnp.float32), -1)
@@ -141,7 +141,7 @@ def test_iwbo_does_not_depend_on_k_chunk(tiny):
 
 def test_evaluate_dataset_with_the_model(tiny):
   model, variables, _, _ = tiny
-  config = make_config(batch_size=BATCH, k=2, k_chunk=2)
+  config = eval_config(batch_size=BATCH, k=2, k_chunk=2)
   settings = dataclasses.replace(EvalSettings.from_config(config), num_examples=20)
   result = evaluate.evaluate_dataset(model, variables, config, jax.random.key(5), settings,
                                      progress=False)

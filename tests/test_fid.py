@@ -331,7 +331,8 @@ def test_run_fid_end_to_end_on_a_tiny_model(make_config, tmp_path, capsys):
   settings = FidSettings.from_config(config)
   result = fid.run_fid(config, settings, workdir, load_model, feature_fn=row_features,
                        progress=False)
-  written = json.loads((workdir / 'fid_T0.8_n21.json').read_text())
+  first = workdir / 'fid_T0.8_n21_best_raw.json'      # named after what was loaded
+  written = json.loads(first.read_text())
   assert written['fid'] == pytest.approx(result['fid'])
   assert written['num_samples'] == 21 and written['temperature'] == 0.8
   assert {k: written[k] for k in loaded} == loaded and written['seconds'] > 0
@@ -355,3 +356,7 @@ def test_run_fid_end_to_end_on_a_tiny_model(make_config, tmp_path, capsys):
   assert out.count('cache hit') == 2
   assert all(again['reference'][s]['cache_hit'] for s in ('train', 'test'))
   assert again['fid'] == pytest.approx(result['fid'], rel=1e-12)
+  # The second result is numbered; the first stays as it was.
+  assert json.loads(first.read_text()) == written
+  second = json.loads((workdir / 'fid_T0.8_n21_best_raw-2.json').read_text())
+  assert second['fid'] == again['fid']

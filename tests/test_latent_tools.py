@@ -91,14 +91,14 @@ def assert_same_levels(images, y):
 @pytest.fixture(scope='module')
 def linear(tiny):
   images = run(tiny, 'interpolate')
-  with np.load(tiny[1] / 'latent' / 'interpolate_linear_0-1_2-3.npz') as f:
+  with np.load(tiny[1] / 'latent' / 'interpolate_linear_0-1_2-3_checkpoint.npz') as f:
     return images, dict(f)
 
 
 @pytest.fixture(scope='module')
 def slerp(tiny):
   run(tiny, 'interpolate', method='slerp', indices=SLERP_INDICES)
-  with np.load(tiny[1] / 'latent' / 'interpolate_slerp_3-0_1-2.npz') as f:
+  with np.load(tiny[1] / 'latent' / 'interpolate_slerp_3-0_1-2_checkpoint.npz') as f:
     return dict(f)
 
 
@@ -123,7 +123,7 @@ def test_interpolation_end_points_are_the_inputs(tiny, linear, slerp):
     assert np.count_nonzero(ends != x) <= 2                   # at most the rare boundary pixel
     np.testing.assert_allclose(result['continuous'][:, [0, -1]].reshape(BATCH, 8, 8, 1), y_rec,
                                atol=1e-5)
-  for name in ('interpolate_linear_0-1_2-3', 'interpolate_slerp_3-0_1-2'):
+  for name in ('interpolate_linear_0-1_2-3_checkpoint', 'interpolate_slerp_3-0_1-2_checkpoint'):
     picture = Image.open(workdir / 'latent' / f'{name}.png')
     # steps columns, one row per pair; 28 px wide, so enlarged 19x (to >= 512 px)
     assert picture.size == (19 * (3 * 9 + 1), 19 * (2 * 9 + 1))
@@ -189,11 +189,11 @@ def test_reconstruct_reports_the_independent_error(tiny):
   _, workdir, _, variables, encode, inverse = tiny
   result = run(tiny, 'reconstruct')
   out = workdir / 'latent'
-  assert json.loads((out / 'reconstruct_n4.json').read_text()) == result
+  assert json.loads((out / 'reconstruct_n4_checkpoint.json').read_text()) == result
   x = digits_test_images(BATCH)
   y, z, dropped = encode(variables, x)
   y, y_rec = np.asarray(y, np.float64), np.asarray(inverse(variables, z, dropped), np.float64)
-  with np.load(out / 'reconstruct_n4.npz') as f:
+  with np.load(out / 'reconstruct_n4_checkpoint.npz') as f:
     saved = dict(f)
   np.testing.assert_array_equal(saved['originals'], x)
   np.testing.assert_allclose(saved['continuous'], y, atol=1e-7)
@@ -211,7 +211,7 @@ def test_reconstruct_reports_the_independent_error(tiny):
   assert 0 < result['max_abs_error_continuous'] < 1e-4
   # Rows alternate: originals 0-2, their reconstructions, original 3, its reconstruction
   # (the rest of those two rows blank).
-  grid = np.asarray(Image.open(out / 'reconstruct_n4.png'))
+  grid = np.asarray(Image.open(out / 'reconstruct_n4_checkpoint.png'))
   assert grid.shape == (19 * (4 * 9 + 1), 19 * (3 * 9 + 1))    # enlarged 19x to >= 512 px
   grid = grid[::19, ::19]
   def tile(row, col):
@@ -238,9 +238,9 @@ def test_sweep_temperature_zero_is_the_prior_mode(tiny):
   z = np.broadcast_to(loc, (BATCH, *model.spec.latent_shape()))
   dropped = [np.zeros((BATCH, *s), np.float32) for s in model.spec.dropped_shapes()]
   assert_same_levels(cold[:1], np.asarray(inverse(variables, z, dropped))[:1])
-  picture = Image.open(workdir / 'latent' / 'temperature_sweep_T0-1_n3.png')
+  picture = Image.open(workdir / 'latent' / 'temperature_sweep_T0-1_n3_checkpoint.png')
   assert picture.size == (19 * (3 * 9 + 1), 19 * (2 * 9 + 1))   # enlarged 19x to >= 512 px
-  with np.load(workdir / 'latent' / 'temperature_sweep_T0-1_n3.npz') as f:
+  with np.load(workdir / 'latent' / 'temperature_sweep_T0-1_n3_checkpoint.npz') as f:
     np.testing.assert_array_equal(f['images'], images.reshape(2, 3, 8, 8, 1))
     np.testing.assert_array_equal(f['temperatures'], [0.0, 1.0])
 
@@ -267,9 +267,9 @@ def test_bad_latent_settings_raise_config_errors(tmp_path, mode, latent, message
   assert not (tmp_path / 'work').exists()
 
 
-def test_interpolation_file_names_carry_the_pairs():
-  assert latent_tools._pairs_name(np.array([[3, 0], [1, 2]])) == '3-0_1-2'
-  many = [[i, i + 1] for i in range(0, 20, 2)]
-  name = latent_tools._pairs_name(many)
+def test_file_names_list_a_few_settings_and_digest_many():
+  assert latent_tools._list_name(['3-0', '1-2'], '_', 'pairs') == '3-0_1-2'
+  many = [f'{i}-{i + 1}' for i in range(0, 20, 2)]
+  name = latent_tools._list_name(many, '_', 'pairs')
   assert name.startswith('10pairs-') and len(name) == len('10pairs-') + 8
-  assert latent_tools._pairs_name([[b, a] for a, b in many]) != name   # other pairs, other name
+  assert latent_tools._list_name(many[::-1], '_', 'pairs') != name   # other pairs, other name

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from denseflow_jax import checkpoint, evaluate, modes
+from denseflow_jax import evaluate, loading, modes
 from helpers import GLOW, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -102,16 +102,17 @@ def run_all_modes(config, workdir, capsys=None):
 
   images = modes.run('sample', config, str(workdir))
   assert images.shape == (4, *config.model.image_shape)
-  assert list((workdir / 'samples').glob('samples_T1_n4.png'))
+  assert (workdir / 'samples' / 'samples_T1_n4_latest_raw.png').exists()
   # One way to sample: the library call with the same seed gives the same images, whatever
   # its batch size (image n uses fold_in(key, n)).
-  model, variables, _ = checkpoint.load_model(config, str(workdir), config.eval.use_ema)
+  model, variables, _ = loading.load_model(config, str(workdir), config.eval.use_ema)
   library = evaluate.sample_images(model, variables, jax.random.PRNGKey(config.seed), 4,
                                    config.sample.temperature, batch_size=3)
   np.testing.assert_array_equal(images, library)
   modes.run('sample', config, str(workdir))      # again: numbered, the first grid is kept
   assert sorted(p.name for p in (workdir / 'samples').glob('samples_T1_n4*')) == [
-      'samples_T1_n4-2.npz', 'samples_T1_n4-2.png', 'samples_T1_n4.npz', 'samples_T1_n4.png']
+      'samples_T1_n4_latest_raw-2.npz', 'samples_T1_n4_latest_raw-2.png',
+      'samples_T1_n4_latest_raw.npz', 'samples_T1_n4_latest_raw.png']
   return ckpts
 
 

@@ -70,7 +70,7 @@ def test_notebook_runs_and_writes_every_result(executed):
   assert [r['step'] for r in records if 'test_bpd' in r] == [3]
   result = json.loads((workdir / 'eval_test_k2_latest_raw.json').read_text())
   assert result['num_examples'] == 16 and result['k'] == 2
-  pngs = list((workdir / 'samples').glob('samples_T1_n4.png'))
+  pngs = list((workdir / 'samples').glob('samples_T1_n4_latest_raw.png'))
   assert pngs and pngs[0].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
   # The printed bits/dim are finite, positive, and the ones in the eval JSON.

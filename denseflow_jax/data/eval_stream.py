@@ -13,6 +13,7 @@ import numpy as np
 from denseflow_jax.data.sources import load_split
 from denseflow_jax.data.train_stream import local_batch_size, read_options
 from denseflow_jax.errors import DataError
+from denseflow_jax.settings import DataSettings
 
 
 def _eval_sizes(config, split, batch_size, num_examples, source):
@@ -103,5 +104,5 @@ def iterate_eval(config, split: str = 'test', batch_size: int | None = None,
   make = _EvalBatch(source, num_examples, batch_size, local_batch,
                     process_index, config.model.image_shape)
   ds = (grain.MapDataset.range(num_batches).map(make)
-        .to_iter_dataset(read_options(int(config.data.prefetch))))
+        .to_iter_dataset(read_options(DataSettings.from_config(config).prefetch)))
   return iter(ds)

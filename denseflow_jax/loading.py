@@ -1,0 +1,64 @@
+"""Which trained variables a mode runs, and how its result files say so.
+
+:func:`load_model` is the one loader of every mode that runs a trained model (eval,
+sample, the latent tools, fid). It reads, in this order of precedence:
+
+    config.checkpoint          a converted official model or another run     'config.checkpoint'
+    WORKDIR/best               with eval.which='best': the parameters saved at
+                               the best periodic test bits/dim of training    'best'
+    WORKDIR/checkpoints/<N>    the latest training checkpoint (default)       'latest'
+
+and returns what it read as ``loaded``: ``{'checkpoint', 'which', 'step', 'parameters'}``
+('ema' or 'raw'; step and parameters None where a checkpoint does not say). Result
+files carry ``loaded`` in their JSON and :func:`loaded_label` ('latest_ema', 'best_raw',
+'checkpoint', ...) at the end of their name.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import model as model_lib
+from denseflow_jax.errors import CheckpointError, ConfigError
+
+
+def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
+  """(model, variables, loaded): the model of ``config.model`` and the variables chosen as
+  the module docstring says; ``use_ema`` picks the EMA parameters of a training
+  checkpoint where the run kept them (WORKDIR/best holds what training chose with its own
+  ``eval.use_ema``)."""
+  best = os.path.join(workdir, ckpt_lib.BEST_DIR)
+  if config.checkpoint and which == 'best':
+    raise ConfigError(
+        f'--config.eval.which=best reads {best}, but --config.checkpoint='
+        f'{config.checkpoint} names other variables: drop one of the two')
+  model = model_lib.make_model(config.model)
+  if config.checkpoint:
+    source, which = config.checkpoint, 'config.checkpoint'
+  elif which == 'best' and ckpt_lib.holds_model(best):
+    source = best
+  elif not ckpt_lib.holds_model(workdir):
+    raise CheckpointError(
+        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
+        f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
+        '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
+  elif which == 'best':
+    raise CheckpointError(
+        f'no best model in {os.path.abspath(best)}: training writes it when a periodic '
+        'test bits/dim improves (train.eval_every_epochs). Use --config.eval.which=latest '
+        'for the latest checkpoint')
+  else:
+    source = workdir
+  variables, info = ckpt_lib.read_variables(source, config, use_ema)
+  if which == 'best' and not use_ema and info['parameters'] == 'ema':
+    logging.warning('%s holds the EMA parameters (training ran with eval.use_ema=True); '
+                    'eval.use_ema=False does not change that', best)
+  return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info}
+
+
+def loaded_label(loaded) -> str:
+  """What was loaded, for the end of a result file's name: 'latest_ema', 'best_raw',
+  'checkpoint' (a converted model that does not say), ..."""
+  which = 'checkpoint' if loaded['which'] == 'config.checkpoint' else loaded['which']
+  return '_'.join(part for part in (which, loaded['parameters']) if part)
