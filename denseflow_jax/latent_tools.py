@@ -202,12 +202,17 @@ def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel
   return images
 
 
+NAME_LIST_CHARS = 40   # longer lists of settings go into a file name as count + digest
+
+
 def _list_name(parts, separator: str, what: str) -> str:
-  """Settings in a file name: up to four parts joined ('0-1_2-3'); more as their count and
-  a digest ('50pairs-1a2b3c4d'), so that a name stays short (the .npz holds the values)."""
-  if len(parts) <= 4:
-    return separator.join(parts)
-  return f'{len(parts)}{what}-' + hashlib.sha1(separator.join(parts).encode()).hexdigest()[:8]
+  """Settings in a file name: the parts joined ('0-1_2-3', '0-0.25-0.5-0.75-1') up to
+  NAME_LIST_CHARS characters; longer, their count and a digest ('50pairs-1a2b3c4d'), so
+  that a name stays short (the .npz holds the values)."""
+  joined = separator.join(parts)
+  if len(joined) <= NAME_LIST_CHARS:
+    return joined
+  return f'{len(parts)}{what}-' + hashlib.sha1(joined.encode()).hexdigest()[:8]
 
 
 def _alternating_rows(originals, reconstructions, per_row: int, num_bits: int):

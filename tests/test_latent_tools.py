@@ -269,7 +269,9 @@ def test_bad_latent_settings_raise_config_errors(tmp_path, mode, latent, message
 
 def test_file_names_list_a_few_settings_and_digest_many():
   assert latent_tools._list_name(['3-0', '1-2'], '_', 'pairs') == '3-0_1-2'
-  many = [f'{i}-{i + 1}' for i in range(0, 20, 2)]
+  temperatures = ['0', '0.25', '0.5', '0.75', '1']      # the default sweep: spelled out
+  assert latent_tools._list_name(temperatures, '-', 'temps') == '0-0.25-0.5-0.75-1'
+  many = [f'{i}-{i + 1}' for i in range(0, 40, 2)]
   name = latent_tools._list_name(many, '_', 'pairs')
-  assert name.startswith('10pairs-') and len(name) == len('10pairs-') + 8
+  assert name.startswith('20pairs-') and len(name) == len('20pairs-') + 8
   assert latent_tools._list_name(many[::-1], '_', 'pairs') != name   # other pairs, other name
