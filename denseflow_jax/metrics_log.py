@@ -31,11 +31,19 @@ TENSORBOARD_DIR = 'tensorboard'
 EVENTS = ('start', 'resume', 'already_finished', 'interrupt', 'finish')
 
 
+def _read_records(workdir) -> list:
+  path = pathlib.Path(workdir) / METRICS_FILE
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_metrics(workdir) -> list:
   """The metrics records of WORKDIR/metrics.jsonl, in order (event records left out)."""
-  path = pathlib.Path(workdir) / METRICS_FILE
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return [r for r in records if 'event' not in r]
+  return [r for r in _read_records(workdir) if 'event' not in r]
+
+
+def read_events(workdir) -> list:
+  """The event records (the run's story) of WORKDIR/metrics.jsonl, in order."""
+  return [r for r in _read_records(workdir) if 'event' in r]
 
 
 def _zero_sums(capacity: int) -> dict:

@@ -39,7 +39,7 @@ from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow
 from denseflow_jax.settings import EvalSettings, TrainSettings
 from denseflow_jax.sharding import check_batch_divisible, global_batch, make_mesh, replicated
 from denseflow_jax.train_step import (TrainState, all_finite, eval_variables, make_state_init,
-                                      make_train_step)
+                                      make_train_step, uses_ema)
 from denseflow_jax.spec import spec_from_config
 
 PRETRAINED_DIR = 'pretrained'
@@ -248,10 +248,9 @@ def _evaluate(eval_fn, state, step, epoch, config, best_metric, use_ema, workdir
   value = results.get(best_metric)
   if value is not None and math.isfinite(value) and value < meta.get('best', math.inf):
     meta['best'], meta['best_step'] = value, step
-    ema = use_ema and state.ema_params is not None
     ckpt_lib.save_variables(workdir / ckpt_lib.BEST_DIR, eval_variables(state, use_ema),
                             config, {'step': step, best_metric: value,
-                                     'parameters': 'ema' if ema else 'raw'})
+                                     'parameters': 'ema' if uses_ema(state, use_ema) else 'raw'})
   return results
 
 

@@ -61,9 +61,14 @@ def create_train_state(variables: Mapping, tx: optax.GradientTransformation,
       skipped_total=jnp.zeros((), jnp.int32))
 
 
+def uses_ema(state: TrainState, use_ema: bool) -> bool:
+  """Whether :func:`eval_variables` gives the EMA parameters: asked for, and kept by the run."""
+  return use_ema and state.ema_params is not None
+
+
 def eval_variables(state: TrainState, use_ema: bool = True) -> dict:
   """{'params', 'batch_stats'} for evaluation / sampling (EMA params where kept)."""
-  params = state.ema_params if use_ema and state.ema_params is not None else state.params
+  params = state.ema_params if uses_ema(state, use_ema) else state.params
   return {'params': params, 'batch_stats': state.batch_stats}
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from denseflow_jax import evaluate, loading, modes
+from denseflow_jax import evaluate, loading, metrics_log, modes
 from helpers import GLOW, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,8 +69,7 @@ def run_all_modes(config, workdir, capsys=None):
     assert story[3].startswith('already finished at step 3 of 3: nothing to do')
     assert story[4].startswith('resuming from step 3 of 4 (checkpoint ')
     # ... and metrics.jsonl keeps the same story, each line as an event record.
-    events = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
-              if '"event"' in line]
+    events = metrics_log.read_events(workdir)
     assert [e['message'] for e in events] == [
         line for line in story if not line.startswith('step ')]
     assert [(e['event'], e['step']) for e in events] == [

@@ -25,7 +25,6 @@ The three processes start together (each costs ~20 s of CPU, mostly compilation)
 are all killed as soon as one fails or when WORKER_TIMEOUT_S has passed; the failure
 message holds the end of each one's output.
 """
-import json
 import os
 import pathlib
 import socket
@@ -156,8 +155,7 @@ def test_two_hosts_train_like_one_host(runs):
   assert [r['step'] for r in want if 'test_bpd' in r] == [3]
   assert got[-1]['test_bpd'] == pytest.approx(want[-1]['test_bpd'], rel=1e-5)
   # The story of each run, written once (by process 0), not once per process.
-  events = {run: [(json.loads(line)['event'], json.loads(line)['step']) for line in
-                  (run / metrics_log.METRICS_FILE).read_text().splitlines() if '"event"' in line]
+  events = {run: [(e['event'], e['step']) for e in metrics_log.read_events(run)]
             for run in (runs.multi, runs.single)}
   assert events[runs.multi] == [('start', 0), ('finish', 2), ('resume', 2), ('finish', 3)]
   assert events[runs.single] == [('start', 0), ('finish', 3)]

@@ -185,8 +185,7 @@ def test_sigterm_and_ctrl_c_checkpoint_and_say_how_to_resume(env, straight, tmp_
   assert step == NUM_STEPS
   assert_same_state(state, final_state(straight)[1])
   # metrics.jsonl tells the same story as the console, interruptions included.
-  events = [json.loads(line) for line in
-            (workdir / metrics_log.METRICS_FILE).read_text().splitlines() if '"event"' in line]
+  events = metrics_log.read_events(workdir)
   assert [(e['event'], e['step']) for e in events] == [
       ('start', 0), ('interrupt', stopped), ('resume', stopped), ('interrupt', resumed),
       ('resume', resumed), ('finish', NUM_STEPS)], events
