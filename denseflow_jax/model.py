@@ -141,14 +141,22 @@ def draw_sample_noise(spec: ModelSpec, rng, num: int):
   return eps, dropped
 
 
-def init_variables(model: DenseFlow, rng, x, noise=None):
-  """Parameters and BatchNorm statistics, with ActNorm initialised from the batch `x`
-  (data-dependent initialisation: the official first training-mode pass, which also
-  updates the BatchNorm running statistics once). `noise` defaults to a draw from `rng`."""
+def init_with_log_prob(model: DenseFlow, rng, x, noise=None):
+  """``(log p(x), variables)`` of the initialising pass: parameters and BatchNorm statistics,
+  with ActNorm initialised from the batch `x` (data-dependent initialisation: the official
+  first training-mode pass, which also updates the BatchNorm running statistics once and
+  computes the batch's log-likelihood in the same pass). `noise` defaults to a draw from
+  `rng`."""
   k_params, k_noise = jax.random.split(rng)
   if noise is None:
     noise = draw_noise(model.spec, k_noise, x.shape[0])
-  return model.init({'params': k_params}, x, noise, train=True, method=DenseFlow.log_prob)
+  return model.init_with_output({'params': k_params}, x, noise, train=True,
+                                method=DenseFlow.log_prob)
+
+
+def init_variables(model: DenseFlow, rng, x, noise=None):
+  """The variables of :func:`init_with_log_prob`, without the log-likelihood."""
+  return init_with_log_prob(model, rng, x, noise)[1]
 
 
 def bits_per_dim(log_prob_nats, spec: ModelSpec):

@@ -3,14 +3,26 @@
 Compile time dominates this suite on 2 cores; `jax_disable_most_optimizations`
 cuts it several-fold and does not change results beyond float rounding.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  # One persistent compilation cache per test run, made by the first process (pytest, before
+  # it starts the xdist workers) and inherited with the environment by the workers and every
+  # subprocess they start: a program compiled again (the tiny model in another test or
+  # another process) is read back instead. A fresh directory, so no run sees an older one.
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='denseflow-jax-tests-')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
-jax.config.update('jax_disable_most_optimizations', True)
 
 import pathlib  # noqa: E402
 
