@@ -1,7 +1,9 @@
-"""Test settings: CPU only, 8 simulated devices, XLA optimisations off.
+"""Test settings: CPU only, 8 simulated devices, XLA optimisations off, one compilation cache.
 
 Compile time dominates this suite on 2 cores; `jax_disable_most_optimizations`
-cuts it several-fold and does not change results beyond float rounding.
+cuts it several-fold and does not change results beyond float rounding. The settings are
+environment variables, so the subprocesses the tests start (the command line, training
+runs that get killed, the notebook kernel, multi-host workers) inherit them.
 """
 import atexit
 import os

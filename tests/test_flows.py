@@ -49,6 +49,9 @@ class Case:
     return self.make(dtype).apply(variables, z, **self._context(z), method='inverse')
 
   def init(self, key, x):
+    return jax.jit(self._init)(key, x)   # jitted: op by op, the initialisation took ~9 s
+
+  def _init(self, key, x):
     variables = self.make(jnp.float32).init(key, x, **self._context(x))
     return {**variables, 'params': _perturb(variables.get('params', {}), jax.random.fold_in(key, 1))}
 

@@ -48,8 +48,8 @@ def executed(tmp_path_factory):
       f'WORKDIR = {str(workdir)!r}\nNUM_STEPS = 3\nOVERRIDES = {OVERRIDES!r}')
   nb.cells.insert(params[0] + 1, injected)
   # One CPU device, as in a plain runtime (no simulated devices from XLA_FLAGS).
+  # os.environ carries the test run's compilation cache and settings (conftest.py).
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='true')
   client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
                                    resources={'metadata': {'path': str(NOTEBOOK.parent)}})
   client.execute(env=env)   # raises CellExecutionError, with the traceback, if a cell fails

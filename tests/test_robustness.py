@@ -3,8 +3,8 @@ and during checkpoint saves, and restarted each time, end with exactly the param
 an uninterrupted run; SIGTERM / Ctrl-C stop cleanly after a checkpoint and say how to
 resume; no checkpoint ever holds a non-finite value.
 
-Every subprocess shares one JAX persistent compilation cache (tmp dir), so only the first
-one compiles; the others still pay ~8 s of imports each.
+Every subprocess shares the test run's JAX persistent compilation cache (conftest.py), so
+only the first one compiles; the others still pay ~8 s of imports each.
 """
 import json
 import os
@@ -44,12 +44,9 @@ KILLS = 6
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
-              JAX_DISABLE_MOST_OPTIMIZATIONS='true', PYTHONUNBUFFERED='1')
+def env():
+  # os.environ carries the test run's compilation cache and settings (conftest.py).
+  return dict(os.environ, PYTHONUNBUFFERED='1')
 
 
 def command(workdir):
