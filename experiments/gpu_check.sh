@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# One prepared run on a lent H200 (issue: throughput). Prepare the wheels the GPU
-# image lacks ONCE on the development machine, in the repo root:
+# The prepared run on a lent GPU machine (issue #10): installs the carried wheels, then
+# runs experiments/gpu_bench.py (its header says how to download the wheels into .whl/,
+# and gives the device call). Arguments go to gpu_bench.py, e.g.
 #
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl grain==0.2.18 ml_collections==1.1.0 array_record==0.8.6 \
-#     portpicker tensorboardX
+#   bash experiments/gpu_check.sh --budget_s 420 --profile_dir /tmp/prof
 #
-# then call the device tool's run with carry=[".whl"], timeout_s=540 and the command
-#   bash experiments/gpu_check.sh
-# Every JSON line lands in $OUT/bench.jsonl; copy the figures into experiments/RESULTS.md.
+# JSON lines: stdout and $OUT/bench.jsonl; nvidia-smi: $OUT/gpu.txt; stderr: $OUT/stderr.log
+# (its tail is printed if the script fails).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-bench() { timeout "$1" python3 experiments/benchmark.py --config configs/cifar10.py "${@:2}" 2>>"$OUT/stderr.log" \
-  | grep '^{' | tee -a "$OUT/bench.jsonl"; }
-# Cheapest first, so a short lease still yields figures.
-bench 150 --batch_size 64 --repeats 5                                           # fp32 (TF32), as shipped
-bench 150 --batch_size 256 --repeats 5 --config.model.compute_dtype=bfloat16
-bench 150 --batch_size 1024 --repeats 3 --config.model.compute_dtype=bfloat16 --config.model.remat=True
-timeout 60 python3 experiments/compile_scaling.py --config configs/cifar10.py --scales 1,2 --batch_size 64 \
-  2>>"$OUT/stderr.log" | tee -a "$OUT/bench.jsonl"
+OUT=${OUT:-/tmp/out}; export OUT; mkdir -p "$OUT"
+SITE=${SITE:-/tmp/site}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$SITE" .whl/*.whl || { echo "wheel install failed: is .whl/ carried?"; exit 1; }
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
+# grain's generated protobuf code needs protobuf >= 5.28.3: install ours only if the image's
+# protobuf is older (replacing it otherwise could break the image's own packages).
+if ! python3 -c 'import grain' 2>"$OUT/grain_import.log"; then
+  cat "$OUT/grain_import.log"
+  if ls .whl/protobuf/*.whl >/dev/null 2>&1; then
+    echo "import grain failed: installing .whl/protobuf"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" .whl/protobuf/*.whl || exit 1
+  fi
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
+  2>&1 | tee "$OUT/gpu.txt"
+python3 experiments/gpu_bench.py "$@" 2>"$OUT/stderr.log"
+rc=$?
+if [ "$rc" != 0 ]; then echo "gpu_bench.py exit code $rc; end of stderr:"; tail -n 25 "$OUT/stderr.log"; fi
+exit "$rc"
