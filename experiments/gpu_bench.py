@@ -12,10 +12,10 @@ Rehearsal on a CPU (tiny model):
 
 PREPARING THE WHEELS (once, on the development machine, in the root of the checkout the
 device tool sends). The GPU image has jax, flax, optax, orbax-checkpoint, absl-py, etils,
-protobuf, ... but not these five, which `import configs.default` (ml_collections) and
-`import denseflow_jax.train, denseflow_jax.evaluate` (data.py: grain, which needs
-array_record and portpicker; metrics_log.py: tensorboardX) pull in (measured with
-`python -X importtime`, jax 0.10.2, 2026-11-29):
+protobuf, ... but not these five: `import configs.default` needs ml_collections,
+`import denseflow_jax.evaluate` needs grain (the data package; grain needs array_record
+and portpicker), and `python -m denseflow_jax.main` needs tensorboardX (metrics_log.py)
+as well, for a training run there (checked by hiding each module, 2026-11-30):
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -220,7 +220,8 @@ def main(argv):
     sys.exit(4)
 
   import flax
-  from denseflow_jax import evaluate, model as model_lib, sharding, train
+  from denseflow_jax import evaluate, model as model_lib, sharding, train_step
+  from denseflow_jax.settings import TrainSettings
   from denseflow_jax.spec import spec_from_config
   from flops import count_flops
 
@@ -243,7 +244,7 @@ def main(argv):
     config.model.remat = remat
     config.model.scan_unroll = unroll
     config.train.batch_size = batch
-    return config, spec_from_config(config.model)
+    return TrainSettings.from_config(config), spec_from_config(config.model)
 
   def images(spec, batch):   # random, never zeros
     local = batch // jax.process_count()
@@ -263,8 +264,8 @@ def main(argv):
   bench.current = 'init'
   start = time.perf_counter()
   init_batch = int(base.train.batch_size)
-  config0, spec0 = setup('float32', init_batch, False, 1)
-  init0, to_state0 = train.make_state_init(spec0, config0, mesh, steps_per_epoch)
+  settings0, spec0 = setup('float32', init_batch, False, 1)
+  init0, to_state0 = train_step.make_state_init(spec0, settings0, mesh, steps_per_epoch)
   variables = jax.block_until_ready(init0(key, images(spec0, init_batch)))
   shared_tree = tree_of(variables)
   bench.emit({'event': 'init', 'init_batch': init_batch, 'scan_unroll': 1,
@@ -307,8 +308,8 @@ def main(argv):
     desc = {'name': name, 'kind': 'train', 'batch': batch, 'dtype': dtype, 'remat': remat,
             'scan_unroll': unroll}
     t0 = time.monotonic()
-    config, spec = setup(dtype, batch, remat, unroll)
-    init, to_state = train.make_state_init(spec, config, mesh, steps_per_epoch)
+    settings, spec = setup(dtype, batch, remat, unroll)
+    init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch)
     x = images(spec, batch)
     start = time.perf_counter()
     if (unroll, remat) not in verified:          # the dtype does not change the tree
@@ -317,7 +318,7 @@ def main(argv):
       verified.add((unroll, remat))
     verify_s = time.perf_counter() - start
     state = to_state(jax.tree.map(lambda a: a.copy(), variables))   # the step donates it
-    step = train.make_train_step(spec, config, mesh, steps_per_epoch)
+    step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch)
     times = {}
 
     def build():
@@ -482,9 +483,9 @@ def main(argv):
   if bench.remaining() > 15:
     start = time.perf_counter()
     flops_batch = 8 * jax.device_count()   # per image; another batch keeps jit caches apart
-    config_f, spec_f = setup('float32', flops_batch, False, 1)
+    settings_f, spec_f = setup('float32', flops_batch, False, 1)
     flops = count_flops(
-        train.make_train_step(spec_f, config_f, mesh, steps_per_epoch),
+        train_step.make_train_step(spec_f, settings_f, mesh, steps_per_epoch),
         jax.eval_shape(to_state0, variables),
         jax.ShapeDtypeStruct((flops_batch, *spec_f.image_shape), jnp.uint8), key) / flops_batch
     summary['train_gflop_per_image'] = _sig(flops / 1e9)

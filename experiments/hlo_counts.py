@@ -2,7 +2,7 @@
 
     python experiments/hlo_counts.py --config configs/cifar10.py --batch_size 64
 
-Lowers the real jitted train step (`train.make_train_step`, Adamax, data-parallel
+Lowers the real jitted train step (`train_step.make_train_step`, Adamax, data-parallel
 shardings) for the 'cuda' platform on this machine -- no GPU is needed, nothing is
 compiled -- once with `model.scan_unroll` as configured and once with `scan_unroll=1`
 (rolled), and counts the StableHLO text: all ops, convolutions, dot_generals,
@@ -194,7 +194,8 @@ def main(argv):
   _memory_guard(_MAX_RSS.value)
   import jax
   import jax.numpy as jnp
-  from denseflow_jax import model as model_lib, sharding, train
+  from denseflow_jax import model as model_lib, sharding, train_step
+  from denseflow_jax.settings import TrainSettings
   from denseflow_jax.spec import spec_from_config
 
   base = _CONFIG.value
@@ -215,7 +216,8 @@ def main(argv):
     return config, spec_from_config(config.model)
 
   def abstract_state(spec, config):
-    init, to_state = train.make_state_init(spec, config, mesh, steps_per_epoch=1000)
+    settings = TrainSettings.from_config(config)
+    init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
     x = jax.ShapeDtypeStruct((batch, *spec.image_shape), jnp.uint8)
     variables = jax.eval_shape(init, key, x)
     return variables, jax.eval_shape(to_state, variables), x
@@ -226,7 +228,8 @@ def main(argv):
     start = time.perf_counter()
     variables, state, x = abstract_state(spec, config)
     trees[unroll] = jax.tree.map(lambda a: (a.shape, str(a.dtype)), variables)
-    step = train.make_train_step(spec, config, mesh, steps_per_epoch=1000)
+    step = train_step.make_train_step(spec, TrainSettings.from_config(config), mesh,
+                                      steps_per_epoch=1000)
     traced = step.trace(state, x, key)
     trace_s = time.perf_counter() - start
     lowered = traced.lower(lowering_platforms=(_PLATFORM.value,))
@@ -257,7 +260,7 @@ def main(argv):
     variables, _, x = abstract_state(spec, config)
     model = model_lib.make_model(spec)
     noise = jax.eval_shape(lambda k: model_lib.draw_noise(spec, k, batch), key)
-    loss = lambda p, bs, xb, nz: train.train_loss(model, p, bs, xb, nz)[0]
+    loss = lambda p, bs, xb, nz: train_step.train_loss(model, p, bs, xb, nz)[0]
     act, inputs, count = saved_residuals(loss, variables['params'], variables['batch_stats'],
                                          x, noise)
     residuals[variant] = {'activations_gib': round(act / 2 ** 30, 3),
