@@ -142,11 +142,11 @@ def draw_sample_noise(spec: ModelSpec, rng, num: int):
 
 
 def init_with_log_prob(model: DenseFlow, rng, x, noise=None):
-  """``(log p(x), variables)`` of the initialising pass: parameters and BatchNorm statistics,
+  """``(log_p, variables)`` of the initialising pass: parameters and BatchNorm statistics,
   with ActNorm initialised from the batch `x` (data-dependent initialisation: the official
-  first training-mode pass, which also updates the BatchNorm running statistics once and
-  computes the batch's log-likelihood in the same pass). `noise` defaults to a draw from
-  `rng`."""
+  first training-mode pass, which also updates the BatchNorm running statistics once), and
+  that same pass's one-sample lower bound on log P(x) in nats, [B] (as
+  `DenseFlow.log_prob`). `noise` defaults to a draw from `rng`."""
   k_params, k_noise = jax.random.split(rng)
   if noise is None:
     noise = draw_noise(model.spec, k_noise, x.shape[0])

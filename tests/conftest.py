@@ -17,14 +17,16 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   # it starts the xdist workers) and inherited with the environment by the workers and every
   # subprocess they start: a program compiled again (the tiny model in another test or
   # another process) is read back instead. A fresh directory, so no run sees an older one.
+  # (A cache directory already set in the environment is used, and kept, as it is.)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='denseflow-jax-tests-')
-  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')    # cache every program
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+jax.config.update('jax_disable_most_optimizations', True)   # also if jax was imported first
 
 import pathlib  # noqa: E402
 

@@ -3,8 +3,9 @@ and during checkpoint saves, and restarted each time, end with exactly the param
 an uninterrupted run; SIGTERM / Ctrl-C stop cleanly after a checkpoint and say how to
 resume; no checkpoint ever holds a non-finite value.
 
-Every subprocess shares the test run's JAX persistent compilation cache (conftest.py), so
-only the first one compiles; the others still pay ~8 s of imports each.
+Every subprocess shares one JAX persistent compilation cache (this module's own; the
+thresholds from conftest.py), so only the first one compiles; the others still pay ~8 s of
+imports each.
 """
 import json
 import os
@@ -28,6 +29,7 @@ from denseflow_jax import metrics_log
 from denseflow_jax import train
 from denseflow_jax import train_step
 from denseflow_jax.settings import TrainSettings
+from denseflow_jax.spec import spec_from_config
 from helpers import train_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -44,9 +46,12 @@ KILLS = 6
 
 
 @pytest.fixture(scope='module')
-def env():
-  # os.environ carries the test run's compilation cache and settings (conftest.py).
-  return dict(os.environ, PYTHONUNBUFFERED='1')
+def env(tmp_path_factory):
+  # The run's settings from os.environ (conftest.py), but a cache of this module's own: a
+  # process killed while writing an entry leaves it truncated, and no other test should
+  # meet that entry.
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+              PYTHONUNBUFFERED='1')
 
 
 def command(workdir):
@@ -197,7 +202,7 @@ def test_nonfinite_steps_are_logged_and_never_checkpointed(tmp_path):
   images = load_digits().images.astype(np.uint8)[:, :, :, None]
   np.savez(tmp_path / 'digits.npz', train=images[:48], test=images[48:64])
   config = train_config(str(tmp_path / 'digits.npz'))   # test_train's model: compiled once
-  spec = train.spec_from_config(config.model)
+  spec = spec_from_config(config.model)
   mesh = sharding.make_mesh()
   init, _ = train_step.make_state_init(spec, TrainSettings.from_config(config), mesh,
                                   data_lib.steps_per_epoch(config))
