@@ -280,13 +280,13 @@ def sweep(config, settings: LatentSettings, workdir, load_model: LoadModel, batc
   time. Returns the images [T * n, H, W, C]."""
   temperatures, per_row = settings.temperatures, settings.num_per_row
   model, variables, loaded = load_model(config, workdir)
-  images = evaluate.temperature_sweep_grid(model, variables, jax.random.PRNGKey(config.seed),
-                                           None, temperatures, per_row, batch_size=batch_size)
   temps = _list_name([f'{t:g}' for t in temperatures], '-', 'temps')
   stem = unused_stem(os.path.join(
       _out_dir(workdir), f'temperature_sweep_T{temps}_n{per_row}_{loaded_label(loaded)}'),
       ('.png', '.npz'))
-  evaluate.save_sample_grid(stem + '.png', images, model.spec.num_bits, ncols=per_row)
+  images = evaluate.temperature_sweep_grid(model, variables, jax.random.PRNGKey(config.seed),
+                                           stem + '.png', temperatures, per_row,
+                                           batch_size=batch_size)
   write_npz_atomic(stem + '.npz',
                    images=images.reshape(len(temperatures), per_row, *images.shape[1:]),
                    temperatures=np.asarray(temperatures))

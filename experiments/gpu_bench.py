@@ -80,6 +80,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -173,12 +174,6 @@ def within(seconds, fn):
   if 'error' in box:
     raise box['error']
   return True, box['result']
-
-
-def _median(values):
-  values = sorted(values)
-  n = len(values)
-  return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
 def _sig(value, digits=4):
@@ -356,7 +351,7 @@ def main(argv):
       state, metrics = compiled(state, x, key)
     jax.block_until_ready((state, metrics))
     pipelined = (time.perf_counter() - start) / n
-    step_s = _median(blocked)
+    step_s = statistics.median(blocked)
     bpd = float(metrics['train_bpd'])
     line = {**desc, 'status': 'ok', 'verify_tree_s': round(verify_s, 1),
             'trace_lower_s': round(times['trace_lower_s'], 1),
@@ -404,7 +399,7 @@ def main(argv):
     def one_call(i):
       out['log_p'] = jax.block_until_ready(log_prob_fn(eval_vars, x, jax.random.fold_in(key, i)))
     calls = timed_calls(one_call, t0, budget)
-    call_s = _median(calls)
+    call_s = statistics.median(calls)
     bpd = float(jnp.mean(model_lib.bits_per_dim(out['log_p'], spec)))
     results[name] = {**desc, 'status': 'ok', 'compile_and_first_s': round(first_s, 1),
                      'calls_timed': len(calls), 'call_s_median': round(call_s, 4),
@@ -428,7 +423,7 @@ def main(argv):
     if first_s is None:
       return
     calls = timed_calls(draw, t0, budget)
-    call_s = _median(calls)
+    call_s = statistics.median(calls)
     results[name] = {**desc, 'status': 'ok', 'compile_and_first_s': round(first_s, 1),
                      'calls_timed': len(calls), 'sample_s_median': round(call_s, 4),
                      'img_per_s': round(num / call_s, 1),

@@ -213,10 +213,9 @@ def main(argv):
     config = base.copy_and_resolve_references()
     for name, value in model.items():
       config.model[name] = value
-    return config, spec_from_config(config.model)
+    return TrainSettings.from_config(config), spec_from_config(config.model)
 
-  def abstract_state(spec, config):
-    settings = TrainSettings.from_config(config)
+  def abstract_state(spec, settings):
     init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
     x = jax.ShapeDtypeStruct((batch, *spec.image_shape), jnp.uint8)
     variables = jax.eval_shape(init, key, x)
@@ -224,12 +223,11 @@ def main(argv):
 
   trees = {}
   for unroll in unrolls:
-    config, spec = config_for(scan_unroll=unroll)
+    settings, spec = config_for(scan_unroll=unroll)
     start = time.perf_counter()
-    variables, state, x = abstract_state(spec, config)
+    variables, state, x = abstract_state(spec, settings)
     trees[unroll] = jax.tree.map(lambda a: (a.shape, str(a.dtype)), variables)
-    step = train_step.make_train_step(spec, TrainSettings.from_config(config), mesh,
-                                      steps_per_epoch=1000)
+    step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
     traced = step.trace(state, x, key)
     trace_s = time.perf_counter() - start
     lowered = traced.lower(lowering_platforms=(_PLATFORM.value,))
@@ -255,9 +253,9 @@ def main(argv):
   residuals = {}
   for variant in filter(None, _RESIDUALS.value):
     dtype, _, remat = variant.partition('+')
-    config, spec = config_for(scan_unroll=1, compute_dtype=dtype, remat=remat == 'remat')
+    settings, spec = config_for(scan_unroll=1, compute_dtype=dtype, remat=remat == 'remat')
     start = time.perf_counter()
-    variables, _, x = abstract_state(spec, config)
+    variables, _, x = abstract_state(spec, settings)
     model = model_lib.make_model(spec)
     noise = jax.eval_shape(lambda k: model_lib.draw_noise(spec, k, batch), key)
     loss = lambda p, bs, xb, nz: train_step.train_loss(model, p, bs, xb, nz)[0]
