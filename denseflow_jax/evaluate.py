@@ -77,7 +77,8 @@ def _row_keys(key, batch: int):
 # ---------------------------------------------------------------- log-likelihood bounds
 
 @jax.jit(static_argnums=0)
-def _log_prob(model: DenseFlow, variables, x, key):
+def log_prob_batch(model: DenseFlow, variables, x, key):
+  """The jitted evaluation program: [B] one-sample bounds in nats (see make_log_prob_fn)."""
   noise = row_noise(model.spec, _row_keys(key, x.shape[0]))
   return model.apply(variables, x, noise, train=False, method=DenseFlow.log_prob)
 
@@ -85,7 +86,7 @@ def _log_prob(model: DenseFlow, variables, x, key):
 def make_log_prob_fn(model: DenseFlow) -> LogProbFn:
   """Jitted `log_prob_fn(variables, x, key) -> [B]` one-sample bound in nats, evaluation mode
   (BatchNorm uses its running statistics). `key` is one key or one key per row [B]."""
-  return lambda variables, x, key: _log_prob(model, variables, x, key)
+  return lambda variables, x, key: log_prob_batch(model, variables, x, key)
 
 
 @jax.jit(static_argnums=(2, 3))
@@ -228,7 +229,8 @@ def write_eval_json(workdir, result: Dict[str, Any], name: str = 'eval') -> str:
 # ---------------------------------------------------------------- sampling
 
 @jax.jit(static_argnums=0)
-def _sample_batch(model: DenseFlow, variables, keys, temperature):
+def sample_batch(model: DenseFlow, variables, keys, temperature):
+  """The jitted sampler: uint8 images [B, H, W, C], image b drawn with keys[b]."""
   eps, dropped = _rows(jax.vmap(lambda k: draw_sample_noise(model.spec, k, 1))(keys))
   y = model.apply(variables, eps, dropped, temperature, method=DenseFlow.sample_continuous)
   return dequantization_inverse(y, model.spec.num_bits)
@@ -245,7 +247,7 @@ def iterate_samples(model: DenseFlow, variables, key, num: int, temperature: flo
   size = min(int(batch_size), int(num))
   for start in range(0, num, size):
     keys = jax.vmap(lambda n: jax.random.fold_in(key, n))(start + jnp.arange(size))
-    images = np.asarray(_sample_batch(model, variables, keys, jnp.float32(temperature)))
+    images = np.asarray(sample_batch(model, variables, keys, jnp.float32(temperature)))
     yield images, start + np.arange(size) < num
 
 

@@ -29,16 +29,32 @@ from denseflow_jax.precision import flow_float
 from denseflow_jax.nets.layers import conv
 
 
+def small_matmul(a, b):
+  """a @ b for tiny matrices ([..., I, J] @ [..., J, K], J = the few landmarks) as
+  broadcast products summed over J.
+
+  Why not `@`: on a GPU each L x L `dot` becomes a kernel of its own, and the six
+  iterations of `iterative_pinv` made ~120 kernels per attention call (forward and
+  backward). Written as a product and a small sum, XLA fuses each product with the
+  elementwise work around it: ~40 kernels (experiments/RESULTS.md, "GPU program").
+  """
+  return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+
+
 def iterative_pinv(k, num_iter: int = 6):
-  """Approximate inverse of a batch of square matrices [..., L, L] (Razavi et al. 2019)."""
+  """Approximate inverse of a batch of square matrices [..., L, L] (Razavi et al. 2019):
+
+      v_0 = k^T / (max_j sum_i |k_ij| * max_i sum_j |k_ij|)
+      v_{t+1} = 1/4 v_t (13 I - k v_t (15 I - k v_t (7 I - k v_t)))
+  """
   eye = jnp.eye(k.shape[-1], dtype=k.dtype)
   abs_k = jnp.abs(k)
   max_col_sum = jnp.max(jnp.sum(abs_k, axis=-2, keepdims=True), axis=-1, keepdims=True)
   max_row_sum = jnp.max(jnp.sum(abs_k, axis=-1, keepdims=True), axis=-2, keepdims=True)
   v = jnp.swapaxes(k, -1, -2) / (max_col_sum * max_row_sum)
   for _ in range(num_iter):
-    kv = k @ v
-    v = (0.25 * v) @ (13 * eye - kv @ (15 * eye - kv @ (7 * eye - kv)))
+    kv = small_matmul(k, v)
+    v = small_matmul(0.25 * v, 13 * eye - small_matmul(kv, 15 * eye - small_matmul(kv, 7 * eye - kv)))
   return v
 
 
@@ -50,7 +66,7 @@ def nystrom_attention_core(q, k, v, num_landmarks: int):
   a1 = jax.nn.softmax(jnp.einsum('bie,ble->bil', q, k_land), axis=-2)       # [B, n, L]
   a2 = jax.nn.softmax(jnp.einsum('bie,bje->bij', q_land, k_land), axis=-2)  # [B, L, L]
   a3 = jax.nn.softmax(jnp.einsum('ble,bne->bln', q_land, k), axis=-2)       # [B, L, n]
-  return (a1 @ iterative_pinv(a2)) @ (a3 @ v) + v
+  return small_matmul(a1, iterative_pinv(a2)) @ (a3 @ v) + v
 
 
 class NystromAttention(nn.Module):

@@ -1,0 +1,186 @@
+"""The GPU program of a config, compiled on a machine without a GPU (issue #19).
+
+    pip install -e ".[gpu-compile]"        # the CUDA plugin at jaxlib's version, and ptxas
+    python experiments/gpu_compile.py --config configs/cifar10.py
+    python experiments/gpu_compile.py --config configs/cifar10.py --target h100 --gpus 8 \
+        --programs train --config.train.batch_size=512 --config.model.compute_dtype=bfloat16
+
+Compiles, for `--gpus` compile-only GPUs of `--target` (experiments/gpu_targets/: the
+device descriptions XLA reads; h200 and h100), the programs named by `--programs`:
+
+  train    the jitted data-parallel train step (train_step.make_train_step), batch
+           train.batch_size (global);
+  eval     the one-sample bound in evaluation mode (evaluate.make_log_prob_fn's
+           program), batch eval.batch_size;
+  sample   the sampler (evaluate.sample_images' program), sample.batch_size images,
+
+and prints ONE JSON line per program: trace / lower / compile seconds; the kernels one
+call launches, by kind and by model part (forward and backward), loops expanded, and
+the bytes they read and write (experiments/hlo_kernels.py); XLA's memory analysis;
+FLOPs counted on the jaxpr (experiments/flops.py; per image); collectives by kind with
+their bytes. `--hlo_dir` keeps each program's optimised HLO text.
+
+Nothing runs: the programs are compiled (ptxas for sm_90a really runs) and read.
+The JAX backend is the CPU (`JAX_PLATFORMS=cpu`), cuDNN algorithm choice is off
+(`--xla_gpu_autotune_level=0`), both set here before JAX starts. Each compile of the
+full DenseFlow-74-10 train step takes minutes on 2 cores (experiments/RESULTS.md).
+"""
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_gpu_autotune_level=0').strip()
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]   # configs.*, denseflow_jax, flops, hlo_kernels
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import flops  # noqa: E402
+import hlo_kernels  # noqa: E402
+from denseflow_jax import evaluate, model as model_lib, sharding, train_step  # noqa: E402
+from denseflow_jax.settings import EvalSettings, SampleSettings, TrainSettings  # noqa: E402
+from denseflow_jax.spec import spec_from_config  # noqa: E402
+
+TARGETS = {'h200': HERE / 'gpu_targets' / 'h200.txtpb',
+           'h100': HERE / 'gpu_targets' / 'h100_sxm.txtpb'}
+PROGRAMS = ('train', 'eval', 'sample')
+INSTALL = 'pip install -e ".[gpu-compile]" (jax-cuda12-plugin and jax-cuda12-pjrt at jaxlib\'s version, nvidia-cuda-nvcc-cu12)'
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
+_TARGET = flags.DEFINE_enum('target', 'h200', sorted(TARGETS), 'GPU to compile for.')
+_GPUS = flags.DEFINE_integer('gpus', 1, 'Number of GPUs (one host, data-parallel).')
+_PROGRAMS = flags.DEFINE_list('programs', list(PROGRAMS), f'Any of {", ".join(PROGRAMS)}.')
+_HLO_DIR = flags.DEFINE_string('hlo_dir', '', 'Write each optimised HLO module here.')
+_LABEL = flags.DEFINE_string('label', '', 'Copied into every line (name of the variant).')
+
+
+class CompileError(RuntimeError):
+  """Compiling for a GPU is not possible here (the message says what to install)."""
+
+
+def gpu_mesh(target: str, gpus: int) -> jax.sharding.Mesh:
+  """A data-parallel mesh over `gpus` compile-only GPUs of `target`."""
+  text = TARGETS[target].read_text()
+  try:
+    devices = topologies.get_topology_desc(platform='cuda', target_config=text,
+                                           topology=f'1x1x{gpus}').devices
+  except Exception as error:  # the plugin's errors are plain RuntimeErrors
+    raise CompileError(f'cannot make compile-only CUDA devices ({error}); {INSTALL}') from error
+  return sharding.make_mesh(list(devices))
+
+
+def _placed(tree, sharding_):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
+
+
+def _abstract_inputs(spec, mesh, batch):
+  """Abstract (variables, uint8 images [batch, H, W, C], key) placed on the mesh."""
+  settings = TrainSettings.from_config(_CONFIG.value)
+  init, _ = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
+  key = jax.random.PRNGKey(0)
+  images = jax.ShapeDtypeStruct((batch, *spec.image_shape), jnp.uint8)
+  variables = jax.eval_shape(init, key, images)
+  return (_placed(variables, sharding.replicated(mesh)),
+          _placed(images, sharding.batch_sharding(mesh)),
+          _placed(jax.ShapeDtypeStruct(key.shape, key.dtype), sharding.replicated(mesh)))
+
+
+def traced_program(name: str, config, spec, mesh):
+  """(jax Traced of the program, its batch)."""
+  model = model_lib.make_model(spec)
+  if name == 'train':
+    settings = TrainSettings.from_config(config)
+    batch = settings.batch_size
+    sharding.check_batch_divisible(batch, mesh)
+    variables, images, key = _abstract_inputs(spec, mesh, batch)
+    init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
+    state = _placed(jax.eval_shape(to_state, variables), sharding.replicated(mesh))
+    step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
+    return step.trace(state, images, key), batch
+  if name == 'eval':
+    batch = EvalSettings.from_config(config).batch_size
+    variables, images, key = _abstract_inputs(spec, mesh, batch)
+    return evaluate.log_prob_batch.trace(model, variables, images, key), batch
+  batch = SampleSettings.from_config(config).batch_size
+  variables, _, key = _abstract_inputs(spec, mesh, batch)
+  keys = _placed(jax.ShapeDtypeStruct((batch, *key.shape), key.dtype),
+                 sharding.batch_sharding(mesh))
+  temperature = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  return evaluate.sample_batch.trace(model, variables, keys, temperature), batch
+
+
+def _memory(compiled) -> dict:
+  stats = compiled.memory_analysis()
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
+            'temp_size_in_bytes')
+  gib = {f.replace('_size_in_bytes', '_gib'): round(getattr(stats, f) / 2 ** 30, 3)
+         for f in fields}
+  gib['peak_gib'] = round((stats.argument_size_in_bytes + stats.output_size_in_bytes
+                           - stats.alias_size_in_bytes + stats.temp_size_in_bytes) / 2 ** 30, 3)
+  return gib
+
+
+def compile_program(name: str, config, mesh, hlo_dir: str = '') -> dict:
+  """One program's figures (module docstring)."""
+  spec = spec_from_config(config.model)
+  start = time.perf_counter()
+  traced, batch = traced_program(name, config, spec, mesh)
+  trace_s = time.perf_counter() - start
+  lowered = traced.lower(lowering_platforms=('cuda',))
+  lower_s = time.perf_counter() - start - trace_s
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - trace_s - lower_s
+  text = compiled.as_text()
+  if hlo_dir:
+    pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(hlo_dir) / f'{name}.hlo.txt').write_text(text)
+  kernels = hlo_kernels.count_kernels(text)
+  return {
+      'program': name, 'batch': batch, 'compute_dtype': spec.compute_dtype,
+      'remat': spec.remat, 'scan_unroll': spec.scan_unroll,
+      'trace_s': round(trace_s, 1), 'lower_s': round(lower_s, 1),
+      'compile_s': round(compile_s, 1),
+      'kernels': kernels['kernels'],
+      'kernel_gb': round(kernels['kernel_bytes'] / 1e9, 2),
+      'gflop_per_image': round(flops.jaxpr_flops(traced.jaxpr.jaxpr) / batch / 1e9, 2),
+      'memory': _memory(compiled),
+      'collectives': kernels['collectives'],
+      'by_kind': kernels['by_kind'],
+      'by_part': kernels['by_part'],
+      'gb_by_kind': {k: round(v / 1e9, 3) for k, v in kernels['bytes_by_kind'].items()},
+      'gb_by_part': {k: round(v / 1e9, 3) for k, v in kernels['bytes_by_part'].items()},
+      'by_part_kind': kernels['by_part_kind'],
+      'unknown_trip_counts': kernels['unknown_trip_counts'],
+  }
+
+
+def main(argv):
+  del argv
+  unknown = set(_PROGRAMS.value) - set(PROGRAMS)
+  if unknown:
+    raise app.UsageError(f'--programs: unknown {sorted(unknown)}; choose from {PROGRAMS}')
+  config = _CONFIG.value
+  try:
+    mesh = gpu_mesh(_TARGET.value, _GPUS.value)
+  except CompileError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+  common = {'config': config_flags.get_config_filename(flags.FLAGS['config']),
+            'label': _LABEL.value, 'target': _TARGET.value, 'gpus': _GPUS.value,
+            'jax': jax.__version__, 'host_cpus': os.cpu_count()}
+  for name in _PROGRAMS.value:
+    print(json.dumps({**common, **compile_program(name, config, mesh, _HLO_DIR.value)}),
+          flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

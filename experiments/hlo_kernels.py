@@ -1,0 +1,298 @@
+"""The kernels of a compiled XLA:GPU program, read from its optimised HLO text.
+
+    kernels = count_kernels(compiled.as_text())
+
+XLA:GPU launches one kernel (or one library call) for each instruction of a
+*control* computation (the entry, while-loop bodies and conditions, conditional
+branches) that is not pure bookkeeping: a `fusion` (elementwise "loop", reduction
+"input", Triton GEMM, cuDNN fusion, ...), a `custom-call` (cuDNN convolution, cuBLAS
+GEMM, cuSOLVER LU, ...), a `copy`, a collective, and any other op left unfused.
+A while loop's body counts once per iteration (`known_trip_count`), its condition
+once more; a conditional counts its largest branch.
+
+For each kernel we record
+  * its kind (`kind_of`),
+  * the part of the model it comes from (`part_of`: the Flax module path in the
+    HLO metadata's op_name, forward or backward by `transpose(` in it),
+  * the bytes it reads and writes: operand and result sizes, where an operand that a
+    fusion only slices (a stacked scan operand) counts as the slices it takes.
+Everything here is text processing: it needs neither a GPU nor JAX.
+"""
+import collections
+import dataclasses
+import json
+import math
+import re
+from typing import Dict, List
+
+_COMPUTATION = re.compile(r'^(ENTRY )?%([\w.\-]+) .*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$')
+_ARRAY = re.compile(r'\b(pred|s4|u4|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64|c64|c128|'
+                    r'f8e4m3fn|f8e5m2|token)\[([0-9,]*)\]')
+_OPERAND = re.compile(r'%([\w.\-]+)')
+_CALLS = re.compile(r'\b(calls|body|condition|to_apply)=%([\w.\-]+)')
+_BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_KIND = re.compile(r'\bkind=(k\w+)')
+_BACKEND_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"')
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+_BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
+          'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
+          'c128': 16, 'f8e4m3fn': 1, 'f8e5m2': 1, 'token': 0}
+# Instructions of a control computation that launch nothing.
+_FREE = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'while',
+         'conditional', 'call', 'after-all', 'add-dependency', 'opt-barrier',
+         'partition-id', 'replica-id', 'copy-done', 'all-reduce-done', 'all-gather-done',
+         'collective-permute-done', 'async-done', 'async-update', 'send-done', 'recv-done',
+         'get-dimension-size', 'domain'}
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+               'collective-permute', 'collective-broadcast')
+# Model parts, most specific first: the first that occurs in the op_name's module path.
+PARTS = (
+    ('dequantization', '/dequantization/'),
+    ('attention', '/attention/'),
+    ('batchnorm', '/mix_norm/'),
+    ('dense_block', '/dense/'),
+    ('coupling_net_proj', ('/in_proj/', '/mix_conv/', '/out_proj/')),
+    ('affine_coupling', '/coupling/'),
+    ('conv1x1', '/conv1x1/'),
+    ('actnorm', '/actnorm/'),
+    ('cross_unit', '/cross_unit_'),
+    ('prior', 'prior.'),
+    ('noise', ('_normal', '_threefry', 'random_')),
+    ('flow_other', 'DenseFlow'),
+)
+
+
+def array_bytes(type_text: str) -> int:
+  """Bytes of an HLO type: 'f32[64,16,16,48]{3,2,1,0}' or a tuple of such."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(type_text):
+    total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
+  return total
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  type_text: str
+  opcode: str
+  operands: List[str]
+  arguments: str          # the text between the opcode's parentheses
+  attributes: str
+
+  @property
+  def bytes(self) -> int:
+    return array_bytes(self.type_text)
+
+
+def _split_arguments(rest: str):
+  """(the text inside the opcode's parentheses, the attributes after them)."""
+  depth = 1
+  for i, ch in enumerate(rest):
+    depth += (ch == '(') - (ch == ')')
+    if depth == 0:
+      return rest[:i], rest[i + 1:]
+  return rest, ''
+
+
+def parse_module(text: str) -> Dict[str, List[Instruction]]:
+  """{computation name: its instructions}, plus '__entry__' naming the entry."""
+  computations, current = {}, None
+  for line in text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = computations.setdefault(header.group(2), [])
+      if header.group(1):
+        computations['__entry__'] = header.group(2)
+      continue
+    match = _INSTRUCTION.match(line)
+    if match and current is not None:
+      arguments, attributes = _split_arguments(match.group(4))
+      current.append(Instruction(match.group(1), match.group(2), match.group(3),
+                                 _OPERAND.findall(arguments), arguments, attributes))
+  return computations
+
+
+def kind_of(inst: Instruction) -> str:
+  """A kernel's kind: 'fusion:loop', 'fusion:input' (reductions), 'fusion:triton_gemm',
+  'custom_call:__cudnn$convForward', 'copy', 'all-reduce', ..."""
+  if inst.opcode == 'fusion':
+    backend = _BACKEND_KIND.search(inst.attributes)
+    if backend:
+      return 'fusion:' + backend.group(1).lstrip('_')
+    kind = _KIND.search(inst.attributes)
+    name = 'dynamic_slice' if inst.name.startswith(('dynamic_slice', 'dynamic-slice')) else None
+    return 'fusion:' + (name or (kind.group(1)[1:].lower() if kind else 'unknown'))
+  if inst.opcode == 'custom-call':
+    target = _TARGET.search(inst.attributes)
+    return 'custom_call:' + (target.group(1) if target else '?')
+  return inst.opcode.replace('-start', '')
+
+
+def part_of(inst: Instruction) -> str:
+  """'<part>:fwd' or '<part>:bwd' from the op_name, or 'step' (optimizer, counters)."""
+  match = _OP_NAME.search(inst.attributes)
+  op_name = match.group(1) if match else ''
+  direction = 'bwd' if 'transpose(' in op_name else 'fwd'
+  for part, needles in PARTS:
+    needles = (needles,) if isinstance(needles, str) else needles
+    if any(n in op_name for n in needles):
+      return f'{part}:{direction}'
+  return 'step' if op_name else 'unnamed'
+
+
+def _sliced_parameter_bytes(fused: List[Instruction]) -> Dict[int, int]:
+  """{parameter number: bytes actually read} for the parameters of a fused computation
+  that are only sliced (dynamic-slice / slice / gather): the sizes of the slices."""
+  users = collections.defaultdict(list)
+  for inst in fused:
+    for operand in inst.operands:
+      users[operand].append(inst)
+  sliced = {}
+  for inst in fused:
+    if inst.opcode != 'parameter':
+      continue
+    uses = users.get(inst.name, [])
+    if uses and all(u.opcode in ('dynamic-slice', 'slice', 'gather') and u.operands[0] == inst.name
+                    for u in uses):
+      sliced[int(inst.arguments)] = sum(u.bytes for u in uses)
+  return sliced
+
+
+def _updated_in_place(fused: List[Instruction]):
+  """(parameter number, bytes written) when the fused computation's root is a
+  dynamic-update-slice of one of its parameters (an in-place write into a stacked
+  buffer: only the update moves), else None."""
+  if not fused or fused[-1].opcode != 'dynamic-update-slice':
+    return None
+  root = fused[-1]
+  by_name = {i.name: i for i in fused}
+  target, update = by_name.get(root.operands[0]), by_name.get(root.operands[1])
+  if target is None or target.opcode != 'parameter' or update is None:
+    return None
+  return int(target.arguments), update.bytes
+
+
+@dataclasses.dataclass
+class KernelStats:
+  """Kernels (and the bytes they move) of one computation, loops expanded."""
+  by_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  by_part: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  bytes_by_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  bytes_by_part: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  by_part_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  unknown_trip_counts: int = 0
+
+  def add(self, other: 'KernelStats', times: int = 1):
+    for mine, theirs in ((self.by_kind, other.by_kind), (self.by_part, other.by_part),
+                         (self.bytes_by_kind, other.bytes_by_kind),
+                         (self.bytes_by_part, other.bytes_by_part),
+                         (self.by_part_kind, other.by_part_kind)):
+      for key, value in theirs.items():
+        mine[key] += value * times
+    self.unknown_trip_counts += other.unknown_trip_counts * times
+
+  @property
+  def kernels(self) -> int:
+    return sum(self.by_kind.values())
+
+
+class _Program:
+  def __init__(self, text: str):
+    self.computations = parse_module(text)
+    self.entry = self.computations.pop('__entry__')
+    self.types = {i.name: i.type_text for insts in self.computations.values() for i in insts}
+    self._memo = {}
+
+  def kernel_bytes(self, inst: Instruction) -> int:
+    operand_bytes = [array_bytes(self.types.get(o, '')) for o in inst.operands]
+    result = inst.bytes
+    if inst.opcode == 'fusion':
+      fused = self.computations.get(_CALLS.search(inst.attributes).group(2), [])
+      for number, read in _sliced_parameter_bytes(fused).items():
+        if number < len(operand_bytes):
+          operand_bytes[number] = read
+      in_place = _updated_in_place(fused)
+      if in_place is not None and in_place[0] < len(operand_bytes):
+        operand_bytes[in_place[0]] = 0
+        result = in_place[1]
+    return sum(operand_bytes) + result
+
+  def stats(self, name: str) -> KernelStats:
+    if name in self._memo:
+      return self._memo[name]
+    stats = KernelStats()
+    for inst in self.computations[name]:
+      if inst.opcode == 'while':
+        called = dict((k, v) for k, v in _CALLS.findall(inst.attributes))
+        trip = _TRIP.search(inst.attributes)
+        n = int(trip.group(1)) if trip else 1
+        stats.unknown_trip_counts += trip is None
+        stats.add(self.stats(called['body']), n)
+        stats.add(self.stats(called['condition']), n + 1)
+      elif inst.opcode == 'conditional':
+        branches = [b.strip().lstrip('%') for b in
+                    _BRANCHES.search(inst.attributes).group(1).split(',')]
+        stats.add(max((self.stats(b) for b in branches), key=lambda s: s.kernels))
+      elif inst.opcode == 'call':
+        stats.add(self.stats(_CALLS.search(inst.attributes).group(2)))
+      elif inst.opcode not in _FREE:
+        kind, part, moved = kind_of(inst), part_of(inst), self.kernel_bytes(inst)
+        stats.by_kind[kind] += 1
+        stats.by_part[part] += 1
+        stats.by_part_kind[f'{part} {kind}'] += 1
+        stats.bytes_by_kind[kind] += moved
+        stats.bytes_by_part[part] += moved
+    self._memo[name] = stats
+    return stats
+
+  def collectives(self) -> Dict[str, Dict[str, int]]:
+    """{kind: {'count', 'bytes'}} over the whole program (loops expanded), where bytes
+    are each collective's result size (the data it delivers per device)."""
+    found = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
+
+    def walk(name, times):
+      for inst in self.computations[name]:
+        if inst.opcode == 'while':
+          called = dict(_CALLS.findall(inst.attributes))
+          trip = _TRIP.search(inst.attributes)
+          walk(called['body'], times * (int(trip.group(1)) if trip else 1))
+        elif inst.opcode in ('call', 'conditional'):
+          for callee in _CALLS.findall(inst.attributes):
+            walk(callee[1], times)
+        base = inst.opcode.replace('-start', '')
+        if base in COLLECTIVES and not inst.opcode.endswith('-done'):
+          found[base]['count'] += times
+          found[base]['bytes'] += times * (inst.bytes if inst.opcode == base
+                                           else array_bytes(self.types[inst.operands[0]])
+                                           if inst.operands else inst.bytes)
+    walk(self.entry, 1)
+    return dict(found)
+
+
+def count_kernels(text: str) -> dict:
+  """Kernel counts of an optimised XLA:GPU HLO module (see the module docstring):
+  {'kernels', 'by_kind', 'by_part', 'by_part_kind', 'kernel_bytes', 'bytes_by_kind',
+   'bytes_by_part', 'collectives', 'unknown_trip_counts'}."""
+  program = _Program(text)
+  stats = program.stats(program.entry)
+  ordered = lambda counter: dict(counter.most_common())
+  return {
+      'kernels': stats.kernels,
+      'by_kind': ordered(stats.by_kind),
+      'by_part': ordered(stats.by_part),
+      'by_part_kind': ordered(stats.by_part_kind),
+      'kernel_bytes': sum(stats.bytes_by_kind.values()),
+      'bytes_by_kind': ordered(stats.bytes_by_kind),
+      'bytes_by_part': ordered(stats.bytes_by_part),
+      'collectives': program.collectives(),
+      'unknown_trip_counts': stats.unknown_trip_counts,
+  }
+
+
+if __name__ == '__main__':
+  import sys
+  print(json.dumps(count_kernels(open(sys.argv[1]).read()), indent=1))
