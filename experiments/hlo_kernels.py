@@ -13,7 +13,9 @@ once more; a conditional counts its largest branch.
 For each kernel we record
   * its kind (`kind_of`),
   * the part of the model it comes from (`part_of`: the Flax module path in the
-    HLO metadata's op_name, forward or backward by `transpose(` in it),
+    HLO metadata's op_name, forward or backward by `transpose(` in it; 'step' is
+    the optimizer and counters, 'unnamed' what XLA added without an op_name, e.g.
+    copies into the donated output buffers),
   * the bytes it reads and writes: operand and result sizes, where an operand that a
     fusion only slices (a stacked scan operand) counts as the slices it takes.
 Everything here is text processing: it needs neither a GPU nor JAX.
@@ -37,6 +39,8 @@ _KIND = re.compile(r'\bkind=(k\w+)')
 _BACKEND_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# A unit's scanned modules take their slice of each stacked parameter [N, ...] (nn.scan).
+_STACKED_SLICE = re.compile(r'/unit_\d+/(?:slice|squeeze|dynamic_slice)$')
 
 _BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
           'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
@@ -57,7 +61,7 @@ PARTS = (
     ('dense_block', '/dense/'),
     ('coupling_net_proj', ('/in_proj/', '/mix_conv/', '/out_proj/')),
     ('affine_coupling', '/coupling/'),
-    ('conv1x1', '/conv1x1/'),
+    ('conv1x1', ('/conv1x1/', 'slogdet', 'jit(inv)')),
     ('actnorm', '/actnorm/'),
     ('cross_unit', '/cross_unit_'),
     ('prior', 'prior.'),
@@ -137,6 +141,8 @@ def part_of(inst: Instruction) -> str:
   match = _OP_NAME.search(inst.attributes)
   op_name = match.group(1) if match else ''
   direction = 'bwd' if 'transpose(' in op_name else 'fwd'
+  if _STACKED_SLICE.search(op_name):
+    return f'stacked_param_slice:{direction}'
   for part, needles in PARTS:
     needles = (needles,) if isinstance(needles, str) else needles
     if any(n in op_name for n in needles):

@@ -78,6 +78,13 @@ class Conv2d(nn.Module):
         x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
         self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
+      # The barrier keeps the bias out of the cuDNN call (XLA would fuse conv + bias into
+      # one): a DenseFlow unit's biases are stacked [N, C] (nn.scan), and a bias inside the
+      # cuDNN call must first be copied out of its stack by a kernel of its own, while an
+      # add outside fuses with the ReLU / concatenation that follows and reads its slice
+      # there (one kernel less per convolution on a GPU: experiments/RESULTS.md). It
+      # changes nothing in the values.
+      y = jax.lax.optimization_barrier(y)
       y = y + self.param('bias', init, (self.features,), jnp.float32).astype(self.dtype)
     return y
 
