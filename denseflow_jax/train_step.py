@@ -144,11 +144,6 @@ def train_step_fn(model: DenseFlow, settings: StepSettings):
     key = jax.random.fold_in(base_key, state.step)
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, batch, key)
-    # Each gradient of a unit's stacked parameters [N, ...] is assembled from its N
-    # modules' parts. The barrier makes XLA assemble it once, before the optimizer, rather
-    # than inside each of the norm, moment and parameter updates that read it: ~1.6 fewer
-    # GPU kernels per parameter leaf (experiments/RESULTS.md). It changes no value.
-    grads = jax.lax.optimization_barrier(grads)
     grad_norm = optax.global_norm(grads)
     # A NaN or inf anywhere in the gradients makes their global norm NaN or inf: one
     # check instead of a reduction per parameter (~400 kernels per step on a GPU). It
