@@ -23,10 +23,10 @@ import hlo_kernels  # noqa: E402
 
 # The small model below (two blocks of 2 and 1 units, 2 modules per unit of the first so
 # that parameters are stacked as in DenseFlow-74-10; 16x16 images, batch 8) compiled to
-# 2,703 kernels after the cuts of issue #19 (2026-12-03, jax 0.10.2; BEFORE_CUTS before them),
+# 2,784 kernels after the cuts of issue #19 (2026-12-03, jax 0.10.2; 3,372 before them),
 # in ~45 s on 2 cores. The budget is 10% above: a change that adds kernels past it must
 # say why, and raise the budget, in the same commit.
-KERNELS_AFTER_CUTS = 2703
+KERNELS_AFTER_CUTS = 2784
 KERNEL_BUDGET = int(KERNELS_AFTER_CUTS * 1.1)
 SMALL_MODEL = ['--config.model.block_config=(2,1)', '--config.model.layers_config=(2,1)',
                '--config.model.mid_channels=(8,8)', '--config.train.batch_size=8']
