@@ -15,7 +15,9 @@ For each kernel we record
   * the part of the model it comes from (`part_of`: the Flax module path in the
     HLO metadata's op_name, forward or backward by `transpose(` in it; 'step' is
     the optimizer and counters, 'unnamed' what XLA added without an op_name, e.g.
-    copies into the donated output buffers),
+    copies into the donated output buffers, 'scan_slices' the copies of each module's
+    slice of a unit's stacked parameters (and, in a rolled scan, of its stacked
+    activations)),
   * the bytes it reads and writes: operand and result sizes, where an operand that a
     fusion only slices (a stacked scan operand) counts as the slices it takes.
 Everything here is text processing: it needs neither a GPU nor JAX.
@@ -39,8 +41,11 @@ _KIND = re.compile(r'\bkind=(k\w+)')
 _BACKEND_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-# A unit's scanned modules take their slice of each stacked parameter [N, ...] (nn.scan).
-_STACKED_SLICE = re.compile(r'/unit_\d+/(?:slice|squeeze|dynamic_slice)$')
+# A unit's scanned modules (nn.scan) take their slice of each stacked parameter [N, ...]; a
+# rolled scan also stacks the activations its backward loop reads (dynamic_update_slice).
+_SCAN_SLICE = re.compile(r'/unit_\d+/(?:while/body/)?(?:jit\(dynamic_(?:update_)?index_in_dim\)/)?'
+                         r'(?:slice|squeeze|dynamic_slice|dynamic_update_slice)$')
+_CUSTOM_FUSION = re.compile(r'"custom_fusion_config":\{"name":"([^"]+)"')
 
 _BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
           'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
@@ -125,6 +130,9 @@ def kind_of(inst: Instruction) -> str:
   'custom_call:__cudnn$convForward', 'copy', 'all-reduce', ..."""
   if inst.opcode == 'fusion':
     backend = _BACKEND_KIND.search(inst.attributes)
+    custom = _CUSTOM_FUSION.search(inst.attributes)
+    if custom and custom.group(1) == 'dynamic_slice_fusion':
+      return 'fusion:dynamic_slice'
     if backend:
       return 'fusion:' + backend.group(1).lstrip('_')
     kind = _KIND.search(inst.attributes)
@@ -141,8 +149,8 @@ def part_of(inst: Instruction) -> str:
   match = _OP_NAME.search(inst.attributes)
   op_name = match.group(1) if match else ''
   direction = 'bwd' if 'transpose(' in op_name else 'fwd'
-  if _STACKED_SLICE.search(op_name):
-    return f'stacked_param_slice:{direction}'
+  if _SCAN_SLICE.search(op_name):
+    return f'scan_slices:{direction}'
   for part, needles in PARTS:
     needles = (needles,) if isinstance(needles, str) else needles
     if any(n in op_name for n in needles):

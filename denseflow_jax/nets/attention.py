@@ -36,7 +36,7 @@ def small_matmul(a, b):
   Why not `@`: on a GPU each L x L `dot` becomes a kernel of its own, and the six
   iterations of `iterative_pinv` made ~120 kernels per attention call (forward and
   backward). Written as a product and a small sum, XLA fuses each product with the
-  elementwise work around it: ~40 kernels (experiments/RESULTS.md, "GPU program").
+  elementwise work around it: ~40 kernels (experiments/RESULTS.md, "The GPU program").
   """
   return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
 
@@ -54,7 +54,8 @@ def iterative_pinv(k, num_iter: int = 6):
   v = jnp.swapaxes(k, -1, -2) / (max_col_sum * max_row_sum)
   for _ in range(num_iter):
     kv = small_matmul(k, v)
-    v = small_matmul(0.25 * v, 13 * eye - small_matmul(kv, 15 * eye - small_matmul(kv, 7 * eye - kv)))
+    inner = 15 * eye - small_matmul(kv, 7 * eye - kv)
+    v = small_matmul(0.25 * v, 13 * eye - small_matmul(kv, inner))
   return v
 
 
