@@ -12,7 +12,8 @@ convolutions and dots. Then the bytes the backward pass keeps from the forward p
 the jaxpr; XLA may still fuse or rematerialise some), for each precision variant,
 split into activations and residuals that are the step's own inputs (parameters,
 images, noise). Prints ONE JSON line (and the counts of each lowering to stderr as it
-goes). Every later change can be judged by it before a GPU sees it.
+goes). For the compiled GPU program itself (kernels, bytes, memory, collectives) use
+experiments/gpu_compile.py; this script counts the program XLA is given.
 
 Counting is on the text, with each `func.call` replaced by its callee's counts (a
 fully unrolled scan is emitted as one body function called once per module, so the

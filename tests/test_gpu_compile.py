@@ -4,8 +4,9 @@ The kernel counter is checked against a hand-written HLO module whose kernels ar
 by hand. The compile test builds the train step of a small model with every official layer
 (variational dequantization, dense block and Nystrom attention couplings, cross-unit
 coupling) for the H200 target, checks that it really is a GPU program (cuDNN convolutions),
-and fails if its kernel count grows past KERNEL_BUDGET. It needs the `gpu-compile` extra
-(`pip install -e ".[gpu-compile]"`) and skips without it.
+and fails if its kernel count grows past KERNEL_BUDGET. It runs experiments/gpu_compile.py
+with the Python named by DENSEFLOW_GPU_COMPILE_PYTHON (a venv with the `gpu-compile` extra;
+.ci/run makes one), or with this Python if it has the extra, and skips otherwise.
 """
 import importlib.util
 import json
@@ -104,13 +105,22 @@ def test_kernel_counter_reads_collectives():
   assert counts['by_kind']['all-reduce'] == 1
 
 
-def _compile_small(tmp_path):
+def _gpu_compile_python():
+  python = os.environ.get('DENSEFLOW_GPU_COMPILE_PYTHON')
+  if python:
+    return python
   if importlib.util.find_spec('jax_cuda12_plugin') is None:
-    pytest.skip('the gpu-compile extra is not installed (pip install -e ".[gpu-compile]")')
+    pytest.skip('no gpu-compile Python: set DENSEFLOW_GPU_COMPILE_PYTHON to a venv with '
+                'pip install -e ".[gpu-compile]" (README, "The GPU program")')
+  return sys.executable
+
+
+def _compile_small(tmp_path):
+  python = _gpu_compile_python()
   env = {k: v for k, v in os.environ.items()
          if k not in ('JAX_DISABLE_MOST_OPTIMIZATIONS', 'JAX_COMPILATION_CACHE_DIR')}
   result = subprocess.run(
-      [sys.executable, str(ROOT / 'experiments' / 'gpu_compile.py'),
+      [python, str(ROOT / 'experiments' / 'gpu_compile.py'),
        '--config', str(ROOT / 'configs' / 'reference_small.py'), '--programs', 'train',
        *SMALL_MODEL], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
