@@ -1,6 +1,7 @@
 """The GPU program of a config, compiled on a machine without a GPU (issue #19).
 
-    pip install -e ".[gpu-compile]"        # the CUDA plugin at jaxlib's version, and ptxas
+    python -m venv .venv-gpu-compile && . .venv-gpu-compile/bin/activate
+    pip install -e ".[gpu-compile]"        # the CUDA plugin at jax's version, and ptxas
     python experiments/gpu_compile.py --config configs/cifar10.py
     python experiments/gpu_compile.py --config configs/cifar10.py --target h100 --gpus 8 \
         --programs train --config.train.batch_size=512 --config.model.compute_dtype=bfloat16
@@ -20,11 +21,13 @@ the bytes they read and write (experiments/hlo_kernels.py); XLA's memory analysi
 FLOPs counted on the jaxpr (experiments/flops.py; per image); collectives by kind with
 their bytes. `--hlo_dir` keeps each program's optimised HLO text.
 
+A venv of its own: without a GPU the CUDA plugin logs to the stderr of every JAX process.
 Nothing runs: the programs are compiled (ptxas for sm_90a really runs) and read.
 The JAX backend is the CPU (`JAX_PLATFORMS=cpu`), cuDNN algorithm choice is off
 (`--xla_gpu_autotune_level=0`), both set here before JAX starts. Each compile of the
 full DenseFlow-74-10 train step takes minutes on 2 cores (experiments/RESULTS.md).
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -51,7 +54,8 @@ from denseflow_jax.spec import spec_from_config  # noqa: E402
 TARGETS = {'h200': HERE / 'gpu_targets' / 'h200.txtpb',
            'h100': HERE / 'gpu_targets' / 'h100_sxm.txtpb'}
 PROGRAMS = ('train', 'eval', 'sample')
-INSTALL = 'pip install -e ".[gpu-compile]" (jax-cuda12-plugin and jax-cuda12-pjrt at jaxlib\'s version, nvidia-cuda-nvcc-cu12)'
+INSTALL = ('run it in a venv with pip install -e ".[gpu-compile]" (JAX\'s CUDA plugin at '
+           'jax\'s version and ptxas; README, "The GPU program, compiled without a GPU")')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
 _TARGET = flags.DEFINE_enum('target', 'h200', sorted(TARGETS), 'GPU to compile for.')
@@ -80,36 +84,42 @@ def _placed(tree, sharding_):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
 
 
-def _abstract_inputs(spec, mesh, batch):
-  """Abstract (variables, uint8 images [batch, H, W, C], key) placed on the mesh."""
-  settings = TrainSettings.from_config(_CONFIG.value)
+def _abstract_inputs(spec, config, mesh, batch: int, field: str):
+  """Abstract (variables, uint8 images [batch, H, W, C], key) placed on the mesh, the
+  images sharded over it. `field` names the config setting `batch` comes from."""
+  if batch % mesh.size:
+    raise CompileError(f'{field} = {batch} does not divide over {mesh.size} GPUs; set '
+                       f'--config.{field} to a multiple of {mesh.size}')
+  # The variables' shapes do not depend on the batch: initialise on one image per GPU.
+  settings = dataclasses.replace(TrainSettings.from_config(config), batch_size=mesh.size)
   init, _ = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
   key = jax.random.PRNGKey(0)
+  one_each = jax.ShapeDtypeStruct((mesh.size, *spec.image_shape), jnp.uint8)
+  variables = jax.eval_shape(init, key, one_each)
   images = jax.ShapeDtypeStruct((batch, *spec.image_shape), jnp.uint8)
-  variables = jax.eval_shape(init, key, images)
   return (_placed(variables, sharding.replicated(mesh)),
           _placed(images, sharding.batch_sharding(mesh)),
           _placed(jax.ShapeDtypeStruct(key.shape, key.dtype), sharding.replicated(mesh)))
 
 
 def traced_program(name: str, config, spec, mesh):
-  """(jax Traced of the program, its batch)."""
+  """(jax Traced of the program, its batch). Every program's batch is sharded over the
+  GPUs (evaluation and sampling data-parallel like the train step)."""
   model = model_lib.make_model(spec)
   if name == 'train':
     settings = TrainSettings.from_config(config)
     batch = settings.batch_size
-    sharding.check_batch_divisible(batch, mesh)
-    variables, images, key = _abstract_inputs(spec, mesh, batch)
-    init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
+    variables, images, key = _abstract_inputs(spec, config, mesh, batch, 'train.batch_size')
+    _, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
     state = _placed(jax.eval_shape(to_state, variables), sharding.replicated(mesh))
     step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
     return step.trace(state, images, key), batch
   if name == 'eval':
     batch = EvalSettings.from_config(config).batch_size
-    variables, images, key = _abstract_inputs(spec, mesh, batch)
+    variables, images, key = _abstract_inputs(spec, config, mesh, batch, 'eval.batch_size')
     return evaluate.log_prob_batch.trace(model, variables, images, key), batch
   batch = SampleSettings.from_config(config).batch_size
-  variables, _, key = _abstract_inputs(spec, mesh, batch)
+  variables, _, key = _abstract_inputs(spec, config, mesh, batch, 'sample.batch_size')
   keys = _placed(jax.ShapeDtypeStruct((batch, *key.shape), key.dtype),
                  sharding.batch_sharding(mesh))
   temperature = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
@@ -176,8 +186,12 @@ def main(argv):
             'label': _LABEL.value, 'target': _TARGET.value, 'gpus': _GPUS.value,
             'jax': jax.__version__, 'host_cpus': os.cpu_count()}
   for name in _PROGRAMS.value:
-    print(json.dumps({**common, **compile_program(name, config, mesh, _HLO_DIR.value)}),
-          flush=True)
+    try:
+      line = compile_program(name, config, mesh, _HLO_DIR.value)
+    except CompileError as error:
+      print(f'error: {error}', file=sys.stderr)
+      return 2
+    print(json.dumps({**common, **line}), flush=True)
   return 0
 
 
