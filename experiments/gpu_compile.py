@@ -84,44 +84,45 @@ def _placed(tree, sharding_):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_), tree)
 
 
-def _abstract_inputs(spec, config, mesh, batch: int, field: str):
-  """Abstract (variables, uint8 images [batch, H, W, C], key) placed on the mesh, the
-  images sharded over it. `field` names the config setting `batch` comes from."""
+def abstract_state(spec, config, mesh):
+  """Abstract (variables, train state) replicated on the mesh, from one abstract
+  initialisation (jax.eval_shape) on one image per GPU: their shapes do not depend on
+  the batch, so every program shares them."""
+  settings = dataclasses.replace(TrainSettings.from_config(config), batch_size=mesh.size)
+  init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
+  one_each = jax.ShapeDtypeStruct((mesh.size, *spec.image_shape), jnp.uint8)
+  variables = jax.eval_shape(init, jax.random.PRNGKey(0), one_each)
+  replicated = sharding.replicated(mesh)
+  return _placed(variables, replicated), _placed(jax.eval_shape(to_state, variables), replicated)
+
+
+def _batch_of(mesh, shape, dtype, field: str, batch: int):
+  """An abstract [batch, *shape] array sharded over the mesh; `field` names the config
+  setting `batch` comes from, for the error when it does not divide over the GPUs."""
   if batch % mesh.size:
     raise CompileError(f'{field} = {batch} does not divide over {mesh.size} GPUs; set '
                        f'--config.{field} to a multiple of {mesh.size}')
-  # The variables' shapes do not depend on the batch: initialise on one image per GPU.
-  settings = dataclasses.replace(TrainSettings.from_config(config), batch_size=mesh.size)
-  init, _ = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
-  key = jax.random.PRNGKey(0)
-  one_each = jax.ShapeDtypeStruct((mesh.size, *spec.image_shape), jnp.uint8)
-  variables = jax.eval_shape(init, key, one_each)
-  images = jax.ShapeDtypeStruct((batch, *spec.image_shape), jnp.uint8)
-  return (_placed(variables, sharding.replicated(mesh)),
-          _placed(images, sharding.batch_sharding(mesh)),
-          _placed(jax.ShapeDtypeStruct(key.shape, key.dtype), sharding.replicated(mesh)))
+  return jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=sharding.batch_sharding(mesh))
 
 
-def traced_program(name: str, config, spec, mesh):
+def traced_program(name: str, config, spec, mesh, variables, state):
   """(jax Traced of the program, its batch). Every program's batch is sharded over the
   GPUs (evaluation and sampling data-parallel like the train step)."""
-  model = model_lib.make_model(spec)
+  key = jax.random.PRNGKey(0)
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
   if name == 'train':
     settings = TrainSettings.from_config(config)
-    batch = settings.batch_size
-    variables, images, key = _abstract_inputs(spec, config, mesh, batch, 'train.batch_size')
-    _, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
-    state = _placed(jax.eval_shape(to_state, variables), sharding.replicated(mesh))
+    images = _batch_of(mesh, spec.image_shape, jnp.uint8, 'train.batch_size',
+                       settings.batch_size)
     step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
-    return step.trace(state, images, key), batch
+    return step.trace(state, images, key), settings.batch_size
+  model = model_lib.make_model(spec)
   if name == 'eval':
     batch = EvalSettings.from_config(config).batch_size
-    variables, images, key = _abstract_inputs(spec, config, mesh, batch, 'eval.batch_size')
+    images = _batch_of(mesh, spec.image_shape, jnp.uint8, 'eval.batch_size', batch)
     return evaluate.log_prob_batch.trace(model, variables, images, key), batch
   batch = SampleSettings.from_config(config).batch_size
-  variables, _, key = _abstract_inputs(spec, config, mesh, batch, 'sample.batch_size')
-  keys = _placed(jax.ShapeDtypeStruct((batch, *key.shape), key.dtype),
-                 sharding.batch_sharding(mesh))
+  keys = _batch_of(mesh, key.shape, key.dtype, 'sample.batch_size', batch)
   temperature = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
   return evaluate.sample_batch.trace(model, variables, keys, temperature), batch
 
@@ -137,11 +138,10 @@ def _memory(compiled) -> dict:
   return gib
 
 
-def compile_program(name: str, config, mesh, hlo_dir: str = '') -> dict:
-  """One program's figures (module docstring)."""
-  spec = spec_from_config(config.model)
+def compile_program(name: str, config, spec, mesh, variables, state, hlo_dir: str = '') -> dict:
+  """One program's figures (module docstring); `variables`, `state` from abstract_state."""
   start = time.perf_counter()
-  traced, batch = traced_program(name, config, spec, mesh)
+  traced, batch = traced_program(name, config, spec, mesh, variables, state)
   trace_s = time.perf_counter() - start
   lowered = traced.lower(lowering_platforms=('cuda',))
   lower_s = time.perf_counter() - start - trace_s
@@ -185,9 +185,11 @@ def main(argv):
   common = {'config': config_flags.get_config_filename(flags.FLAGS['config']),
             'label': _LABEL.value, 'target': _TARGET.value, 'gpus': _GPUS.value,
             'jax': jax.__version__, 'host_cpus': os.cpu_count()}
+  spec = spec_from_config(config.model)
+  variables, state = abstract_state(spec, config, mesh)
   for name in _PROGRAMS.value:
     try:
-      line = compile_program(name, config, mesh, _HLO_DIR.value)
+      line = compile_program(name, config, spec, mesh, variables, state, _HLO_DIR.value)
     except CompileError as error:
       print(f'error: {error}', file=sys.stderr)
       return 2

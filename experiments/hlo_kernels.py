@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from typing import Dict, List
 
 _COMPUTATION = re.compile(r'^(ENTRY )?%([\w.\-]+) .*\{\s*$')
@@ -198,14 +199,16 @@ class KernelStats:
   bytes_by_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   bytes_by_part: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   by_part_kind: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  # Per collective kind, the bytes it delivers per device (its result; an async start's
+  # operand), not the kernel bytes above.
+  collective_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   unknown_trip_counts: int = 0
 
   def add(self, other: 'KernelStats', times: int = 1):
-    for mine, theirs in ((self.by_kind, other.by_kind), (self.by_part, other.by_part),
-                         (self.bytes_by_kind, other.bytes_by_kind),
-                         (self.bytes_by_part, other.bytes_by_part),
-                         (self.by_part_kind, other.by_part_kind)):
-      for key, value in theirs.items():
+    for field in ('by_kind', 'by_part', 'bytes_by_kind', 'bytes_by_part', 'by_part_kind',
+                  'collective_bytes'):
+      mine = getattr(self, field)
+      for key, value in getattr(other, field).items():
         mine[key] += value * times
     self.unknown_trip_counts += other.unknown_trip_counts * times
 
@@ -241,7 +244,7 @@ class _Program:
     stats = KernelStats()
     for inst in self.computations[name]:
       if inst.opcode == 'while':
-        called = dict((k, v) for k, v in _CALLS.findall(inst.attributes))
+        called = dict(_CALLS.findall(inst.attributes))
         trip = _TRIP.search(inst.attributes)
         n = int(trip.group(1)) if trip else 1
         stats.unknown_trip_counts += trip is None
@@ -260,31 +263,12 @@ class _Program:
         stats.by_part_kind[f'{part} {kind}'] += 1
         stats.bytes_by_kind[kind] += moved
         stats.bytes_by_part[part] += moved
+        if kind in COLLECTIVES:
+          async_start = inst.opcode.endswith('-start') and inst.operands
+          stats.collective_bytes[kind] += (array_bytes(self.types[inst.operands[0]])
+                                           if async_start else inst.bytes)
     self._memo[name] = stats
     return stats
-
-  def collectives(self) -> Dict[str, Dict[str, int]]:
-    """{kind: {'count', 'bytes'}} over the whole program (loops expanded), where bytes
-    are each collective's result size (the data it delivers per device)."""
-    found = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
-
-    def walk(name, times):
-      for inst in self.computations[name]:
-        if inst.opcode == 'while':
-          called = dict(_CALLS.findall(inst.attributes))
-          trip = _TRIP.search(inst.attributes)
-          walk(called['body'], times * (int(trip.group(1)) if trip else 1))
-        elif inst.opcode in ('call', 'conditional'):
-          for callee in _CALLS.findall(inst.attributes):
-            walk(callee[1], times)
-        base = inst.opcode.replace('-start', '')
-        if base in COLLECTIVES and not inst.opcode.endswith('-done'):
-          found[base]['count'] += times
-          found[base]['bytes'] += times * (inst.bytes if inst.opcode == base
-                                           else array_bytes(self.types[inst.operands[0]])
-                                           if inst.operands else inst.bytes)
-    walk(self.entry, 1)
-    return dict(found)
 
 
 def count_kernels(text: str) -> dict:
@@ -302,11 +286,12 @@ def count_kernels(text: str) -> dict:
       'kernel_bytes': sum(stats.bytes_by_kind.values()),
       'bytes_by_kind': ordered(stats.bytes_by_kind),
       'bytes_by_part': ordered(stats.bytes_by_part),
-      'collectives': program.collectives(),
+      'collectives': {kind: {'count': stats.by_kind[kind],
+                             'bytes': stats.collective_bytes[kind]}
+                      for kind in COLLECTIVES if stats.by_kind[kind]},
       'unknown_trip_counts': stats.unknown_trip_counts,
   }
 
 
 if __name__ == '__main__':
-  import sys
   print(json.dumps(count_kernels(open(sys.argv[1]).read()), indent=1))
