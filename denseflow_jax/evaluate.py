@@ -1,4 +1,4 @@
-"""Evaluation: likelihood bounds in bits/dim, invertibility check, samples and grids.
+"""Evaluation: likelihood bounds in bits/dim and the invertibility check.
 
 Bounds (nats, per example; bits/dim = -bound / (D log 2)):
 
@@ -16,28 +16,21 @@ samples of the last chunk are masked out.
 Noise is drawn per (sample j, example b) from the key
 `fold_in(fold_in(key, j), b)` (`sample_keys`), so a bound depends only on the
 key, k and the example's row: not on k_chunk nor on the other rows of the batch.
-Samples likewise use `fold_in(key, n)` for image n, so they do not depend on the
-sampling batch size, and the same key at several temperatures gives the same
-noise (`temperature_sweep_grid`).
+Sampling is in sampling.py; grids and result files in outputs.py.
 """
 import math
-import os
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 import tqdm
 
 from denseflow_jax import data
-from denseflow_jax.files import atomic_write, unused_stem, write_json_atomic, write_npz_atomic
-from denseflow_jax.flows.dequantization import dequantization_inverse
-from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, draw_sample_noise
+from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise
 from denseflow_jax.settings import EvalSettings
-
-GRID_MIN_WIDTH = 512           # PNG grids are enlarged (whole factor) to at least this width
+from denseflow_jax.sharding import BatchSplit
 
 LogProbFn = Callable[[Any, Any, Any], jax.Array]
 
@@ -59,14 +52,14 @@ def sample_keys(key, samples, batch: int):
   return keys.reshape(-1, *keys.shape[2:])
 
 
-def _rows(tree):
+def unbatch_rows(tree):
   """[N, 1, ...] leaves of a vmapped batch-1 draw -> [N, ...]."""
   return jax.tree.map(lambda a: a[:, 0], tree)
 
 
 def row_noise(spec, keys):
   """`log_prob` noise for a batch with one key per row (row r from draw_noise(spec, keys[r], 1))."""
-  return _rows(jax.vmap(lambda k: draw_noise(spec, k, 1))(keys))
+  return unbatch_rows(jax.vmap(lambda k: draw_noise(spec, k, 1))(keys))
 
 
 def _row_keys(key, batch: int):
@@ -129,28 +122,28 @@ def iwbo(log_prob_fn: LogProbFn, variables, x, key, k: int, k_chunk: int):
   return iwbo_and_elbo(log_prob_fn, variables, x, key, k, k_chunk)[0]
 
 
-def evaluate_dataset(model: DenseFlow, variables, config, key, settings: EvalSettings,
-                     split: str = 'test', *, log_prob_fn: Optional[LogProbFn] = None,
-                     progress: bool = True, source=None) -> Dict[str, Any]:
+def evaluate_dataset(model: DenseFlow, variables, source, key, settings: EvalSettings,
+                     split: str = 'test', *, prefetch: int = 1,
+                     log_prob_fn: Optional[LogProbFn] = None,
+                     progress: bool = True) -> Dict[str, Any]:
   """Bounds over a data split in bits/dim; padded rows of the eval batches are left out.
 
-  `settings` (``EvalSettings.from_config(config)``, or ``dataclasses.replace`` of it, e.g.
-  ``k=1``) gives k, k_chunk, batch_size and num_examples; `config` the data and the image
-  shape. Each pass evaluates `batch_size * min(k_chunk, k)` images. Batch i uses
-  fold_in(key, i). `source` is the split if already loaded (`data.load_split(config,
-  split)`), e.g. by training's periodic evaluation, which loads the test split once; None
-  loads it here. Returns elbo_bpd (mean of the k one-sample bounds), iwbo_bpd (when k > 1), k,
-  k_chunk, split, num_examples, num_batches, num_nonfinite (examples whose bound
-  is not finite), seconds (wall time, including the first batch's compilation),
-  seconds_first_batch and images_per_second.
+  `source` is the split (``data.load_split``; training's periodic evaluation loads the test
+  split once and passes it every time). `settings` (``EvalSettings``, or
+  ``dataclasses.replace`` of it, e.g. ``k=1``) gives k, k_chunk, batch_size and
+  num_examples; `prefetch` is ``data.prefetch``. Each pass evaluates
+  `batch_size * min(k_chunk, k)` images. Batch i uses fold_in(key, i). Returns elbo_bpd
+  (mean of the k one-sample bounds), iwbo_bpd (when k > 1), k, k_chunk, split,
+  num_examples, num_batches, num_nonfinite (examples whose bound is not finite), seconds
+  (wall time, including the first batch's compilation), seconds_first_batch and
+  images_per_second.
   """
   k, k_chunk = settings.k, settings.k_chunk
-  batch_size, num_examples = settings.batch_size, settings.num_examples
   log_prob_fn = make_log_prob_fn(model) if log_prob_fn is None else log_prob_fn
-  if source is None:
-    source = data.load_split(config, split)
-  num_batches = data.eval_num_batches(config, split, batch_size, num_examples, source=source)
-  batches = data.iterate_eval(config, split, batch_size, num_examples, source=source)
+  num_batches = data.eval_num_batches(source, settings.batch_size, settings.num_examples,
+                                      split)
+  batches = data.iterate_eval(source, BatchSplit(settings.batch_size, 'eval.batch_size'),
+                              settings.num_examples, prefetch=prefetch, split=split)
 
   sum_iwbo = sum_elbo = 0.0
   count = nonfinite = 0
@@ -214,105 +207,3 @@ def reconstruction_error(model: DenseFlow, variables, x, key) -> float:
   """max |y - inverse(encode(y))| over a batch, y the dequantized input in [0, 1):
   how far the float32 flow is from invertible."""
   return float(_reconstruction_error(model, variables, jnp.asarray(x), key))
-
-
-# ---------------------------------------------------------------- files
-
-def write_eval_json(workdir, result: Dict[str, Any], name: str = 'eval') -> str:
-  """Writes `workdir/eval_<name>.json` atomically (`eval_<name>-2.json`, ... where it
-  exists: an earlier result is never replaced); returns its path."""
-  path = unused_stem(os.path.join(os.fspath(workdir), f'eval_{name}'), ('.json',)) + '.json'
-  write_json_atomic(path, result)
-  return path
-
-
-# ---------------------------------------------------------------- sampling
-
-@jax.jit(static_argnums=0)
-def sample_batch(model: DenseFlow, variables, keys, temperature):
-  """The jitted sampler: uint8 images [B, H, W, C], image b drawn with keys[b]."""
-  eps, dropped = _rows(jax.vmap(lambda k: draw_sample_noise(model.spec, k, 1))(keys))
-  y = model.apply(variables, eps, dropped, temperature, method=DenseFlow.sample_continuous)
-  return dequantization_inverse(y, model.spec.num_bits)
-
-
-def iterate_samples(model: DenseFlow, variables, key, num: int, temperature: float,
-                    batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-  """Batches (uint8 images [b, H, W, C], valid [b]) of `num` samples; image n uses
-  fold_in(key, n). Every batch has the same size, so one compiled sampler serves them
-  all: the last one is filled up with extra draws that `valid` marks False.
-  `temperature` is traced, so changing it does not recompile."""
-  if num < 1 or batch_size < 1:
-    raise ValueError(f'num and batch_size must be positive, got {num}, {batch_size}')
-  size = min(int(batch_size), int(num))
-  for start in range(0, num, size):
-    keys = jax.vmap(lambda n: jax.random.fold_in(key, n))(start + jnp.arange(size))
-    images = np.asarray(sample_batch(model, variables, keys, jnp.float32(temperature)))
-    yield images, start + np.arange(size) < num
-
-
-def sample_images(model: DenseFlow, variables, key, num: int, temperature: float,
-                  batch_size: int) -> np.ndarray:
-  """`num` samples, uint8 [num, H, W, C] in 0..2^bits-1; image n uses fold_in(key, n)."""
-  batches = iterate_samples(model, variables, key, num, temperature, batch_size)
-  return np.concatenate([images[valid] for images, valid in batches])
-
-
-def to_display(images, num_bits: int) -> np.ndarray:
-  """uint8 images with values 0..2^bits-1 -> 0..255 (rounded), for viewing."""
-  images = np.asarray(images)
-  top = 2 ** num_bits - 1
-  if num_bits == 8:
-    return images.astype(np.uint8)
-  return np.round(images.astype(np.float64) * (255.0 / top)).clip(0, 255).astype(np.uint8)
-
-
-def make_grid(images, num_bits: int = 8, ncols: Optional[int] = None, padding: int = 1,
-              pad_value: int = 255) -> np.ndarray:
-  """[N, H, W, C] -> one uint8 image [rows*(H+p)+p, ncols*(W+p)+p, C], row-major;
-  ncols defaults to ceil(sqrt(N)) (near-square)."""
-  images = to_display(images, num_bits)
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f'expected images [N, H, W, 1 or 3], got shape {images.shape}')
-  n, h, w, c = images.shape
-  ncols = int(math.ceil(math.sqrt(n))) if ncols is None else int(ncols)
-  nrows = -(-n // ncols)
-  grid = np.full((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c),
-                 pad_value, np.uint8)
-  for i, image in enumerate(images):
-    top = padding + (i // ncols) * (h + padding)
-    left = padding + (i % ncols) * (w + padding)
-    grid[top:top + h, left:left + w] = image
-  return grid
-
-
-def save_sample_grid(path_png, images, num_bits: int = 8, ncols: Optional[int] = None,
-                     padding: int = 1, pad_value: int = 255,
-                     min_width: int = GRID_MIN_WIDTH) -> np.ndarray:
-  """Writes `make_grid(...)` as a PNG (grey for one channel, RGB for three), enlarged by the
-  smallest whole factor that makes it at least `min_width` pixels wide (each pixel a
-  square block: 8x8 digits stay readable); returns the grid as written."""
-  grid = make_grid(images, num_bits, ncols, padding, pad_value)
-  scale = max(1, -(-int(min_width) // grid.shape[1]))
-  grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-  picture = Image.fromarray(grid[:, :, 0] if grid.shape[-1] == 1 else grid)
-  atomic_write(path_png, lambda f: picture.save(f, format='PNG'))
-  return grid
-
-
-def save_samples_npz(path, images, temperature: float, seconds: float):
-  """Writes `images` (uint8 [N, H, W, C]), `temperature` and `seconds` to an .npz."""
-  write_npz_atomic(path, images=np.asarray(images), temperature=np.float64(temperature),
-                   seconds=np.float64(seconds))
-
-
-def temperature_sweep_grid(model: DenseFlow, variables, key, path_png,
-                           temperatures: Sequence[float], num_per_row: int,
-                           batch_size: int) -> np.ndarray:
-  """Samples [len(temperatures) * num_per_row, H, W, C]: row t at temperatures[t], the
-  same noise in every row (column n uses fold_in(key, n)). Saves a grid to `path_png`."""
-  images = np.concatenate([sample_images(model, variables, key, num_per_row, t, batch_size)
-                           for t in temperatures])
-  if path_png is not None:
-    save_sample_grid(path_png, images, model.spec.num_bits, ncols=num_per_row)
-  return images

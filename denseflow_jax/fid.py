@@ -37,12 +37,16 @@ import numpy as np
 import scipy.linalg
 import tqdm
 
-from denseflow_jax import data, inception
+from denseflow_jax import data as data_lib
+from denseflow_jax import inception
 from denseflow_jax.errors import ConfigError, FIDError
-from denseflow_jax.evaluate import iterate_samples, to_display
 from denseflow_jax.files import unused_stem, write_json_atomic, write_npz_atomic
 from denseflow_jax.loading import loaded_label
-from denseflow_jax.settings import FidSettings
+from denseflow_jax.outputs import to_display
+from denseflow_jax.sampling import iterate_samples
+from denseflow_jax.settings import DataSettings, FidSettings
+from denseflow_jax.sharding import BatchSplit
+from denseflow_jax.spec import ModelSpec
 
 SINGULAR_EPS = 1e-6
 IMAGINARY_ATOL = 1e-3
@@ -151,12 +155,12 @@ def _add(stats, features, mask, bar):
   return stats
 
 
-def stats_cache_path(stats_dir, data_config, split: str, image_shape, num_bits: int,
+def stats_cache_path(stats_dir, data: DataSettings, split: str, image_shape, num_bits: int,
                      feature_id: str) -> str:
   """`stats_dir/<dataset>_<split>_<H>x<W>x<C>[_<bits>bit]_<feature_id>.npz`; a file data set
   ('npz', 'folder') adds a digest of its path, size and modification time, so that
   statistics of a replaced file are never reused."""
-  name, source = data_config['dataset'], data_config['source']
+  name, source = data.dataset, data.source
   if source:
     path = os.path.abspath(source)
     stat = os.stat(path) if os.path.exists(path) else None
@@ -170,13 +174,13 @@ def stats_cache_path(stats_dir, data_config, split: str, image_shape, num_bits: 
   return os.path.join(os.fspath(stats_dir), stem + '.npz')
 
 
-def dataset_stats(config, split: str, feature_fn: FeatureFn, feature_id: str, stats_dir,
-                  batch_size: int, progress: bool = True):
-  """(mean, covariance, count, cache path, cache hit) of the features of a whole split;
-  read from the cache when present, else computed and written there atomically."""
-  num_bits = int(config.model.num_bits)
-  path = stats_cache_path(stats_dir, config.data, split, config.model.image_shape, num_bits,
-                          feature_id)
+def dataset_stats(data: DataSettings, spec: ModelSpec, split: str, feature_fn: FeatureFn,
+                  feature_id: str, stats_dir, batch_size: int, progress: bool = True):
+  """(mean, covariance, count, cache path, cache hit) of the features of a whole split of
+  `data` (images of `spec`'s shape and bits); read from the cache when present, else
+  computed and written there atomically."""
+  num_bits = spec.num_bits
+  path = stats_cache_path(stats_dir, data, split, spec.image_shape, num_bits, feature_id)
   if os.path.isfile(path):
     try:
       with np.load(path) as cached:
@@ -185,8 +189,9 @@ def dataset_stats(config, split: str, feature_fn: FeatureFn, feature_id: str, st
       return mu, sigma, count, path, True
     except Exception as e:   # writes are atomic, so only a foreign file lands here
       print(f'FID statistics of {split!r}: cannot read {path} ({e}); computing them again')
-  source = data.load_split(config, split)
-  batches = data.iterate_eval(config, split, batch_size, -1, source=source)
+  source = data_lib.load_split(data, split, spec.image_shape, num_bits)
+  batches = data_lib.iterate_eval(source, BatchSplit(batch_size, 'fid.batch_size'),
+                                  prefetch=data.prefetch, split=split)
   with tqdm.tqdm(total=len(source), desc=f'FID stats {split}', unit='img',
                  disable=not progress) as bar:
     stats = _feature_stats(batches, feature_fn, num_bits, bar)
@@ -200,22 +205,21 @@ def dataset_stats(config, split: str, feature_fn: FeatureFn, feature_id: str, st
 def sample_stats(model, variables, key, num: int, temperature: float, batch_size: int,
                  feature_fn: FeatureFn, progress: bool = True) -> ActivationStats:
   """Stats of the features of `num` samples; sample n uses fold_in(key, n) like
-  `evaluate.sample_images`, and only one batch of images exists at a time."""
+  `sampling.sample_images`, and only one batch of images exists at a time."""
   batches = iterate_samples(model, variables, key, num, temperature, batch_size)
   with tqdm.tqdm(total=num, desc=f'FID samples T={temperature:g}', unit='img',
                  disable=not progress) as bar:
     return _feature_stats(batches, feature_fn, model.spec.num_bits, bar)
 
 
-def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
-            feature_fn: Optional[FeatureFn] = None, feature_id: Optional[str] = None,
-            progress: bool = True) -> Dict[str, Any]:
-  """FID of fid.num_samples samples against each of fid.splits (`settings`:
-  ``FidSettings.from_config(config)``); writes WORKDIR/fid_T<temperature>_n<num>_<loaded>.json and
-  returns its contents.
+def run_fid(settings: FidSettings, data: DataSettings, seed: int, workdir,
+            load_model: Callable, *, feature_fn: Optional[FeatureFn] = None,
+            feature_id: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+  """FID of fid.num_samples samples (keys from `seed`) against each of fid.splits of `data`;
+  writes WORKDIR/fid_T<temperature>_n<num>_<loaded>.json and returns its contents.
 
-  load_model(config, workdir) -> (model, variables, loaded) (loading.load_model) runs after
-  the Inception weights are checked (modes passes the loader `--mode eval` uses); feature_fn
+  load_model() -> (model, variables, loaded) (loading.load_model) runs after the
+  Inception weights are checked (modes passes the loader `--mode eval` uses); feature_fn
   (uint8 [B, H, W, C] in 0..255 -> [B, D]) defaults to the FID Inception of
   fid.inception_weights, and feature_id (part of the cache names) to its digest.
   """
@@ -226,15 +230,15 @@ def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
     feature_id = f'inception-{inception.weights_digest(weights)}'
   else:
     feature_id = feature_id or 'custom'
-  model, variables, loaded = load_model(config, workdir)
+  model, variables, loaded = load_model()
   stats_dir = settings.stats_dir or os.path.join(os.fspath(workdir), 'fid_stats')
   num, temperature = settings.num_samples, settings.temperature
 
   references = {}
   for split in settings.splits:
-    references[split] = dataset_stats(config, split, feature_fn, feature_id, stats_dir,
-                                      settings.batch_size, progress)
-  stats = sample_stats(model, variables, jax.random.PRNGKey(config.seed), num, temperature,
+    references[split] = dataset_stats(data, model.spec, split, feature_fn, feature_id,
+                                      stats_dir, settings.batch_size, progress)
+  stats = sample_stats(model, variables, jax.random.PRNGKey(seed), num, temperature,
                        settings.batch_size, feature_fn, progress)
   mu, sigma = stats.mean, stats.covariance
   # sqrtm of a 2048x2048 product: seconds on a many-core host, about a minute per split
@@ -248,7 +252,7 @@ def run_fid(config, settings: FidSettings, workdir, load_model: Callable, *,
       'reference': {split: {'num_images': r[2], 'stats': r[3], 'cache_hit': r[4]}
                     for split, r in references.items()},
       'feature_id': feature_id,
-      'seed': int(config.seed),
+      'seed': int(seed),
       'seconds': time.perf_counter() - start_time,
   }
   name = f'fid_T{temperature:g}_n{num}_{loaded_label(loaded)}'

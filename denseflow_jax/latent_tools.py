@@ -11,7 +11,7 @@ again, so the latent alone determines the image:
     y = inverse(z, d),      x = clip(floor(2^bits y), 0, 2^bits - 1)   (dequantization_inverse)
 
 Row r of a batch is encoded with noise `draw_noise(spec, fold_in(fold_in(key, 0), r), 1)`
-(`evaluate.row_noise` of `evaluate.sample_keys(key, [0], B)`), key = PRNGKey(config.seed).
+(`evaluate.row_noise` of `evaluate.sample_keys(key, [0], B)`), key = PRNGKey(seed).
 
 Interpolation between images a and b at t_j = j / (steps - 1), j = 0 .. steps - 1, with
 weights (w_a, w_b) applied to the final latent AND every dropped half:
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from denseflow_jax import data, evaluate
+from denseflow_jax import evaluate, outputs, sampling
 from denseflow_jax.files import unused_stem, write_json_atomic, write_npz_atomic
 from denseflow_jax.loading import loaded_label
 from denseflow_jax.flows.dequantization import dequantization_inverse
@@ -51,16 +51,12 @@ LATENT_DIR = 'latent'
 # Below this sin W the two latents are (anti)parallel: slerp is then linear or undefined.
 SLERP_MIN_SIN = 1e-6
 
-LoadModel = Callable   # (config, workdir) -> (model, variables, loaded): loading.load_model
+LoadModel = Callable   # () -> (model, variables, loaded): loading.load_model
 
 
 # ---------------------------------------------------------------- settings
 # Every field is checked by settings.LatentSettings; what needs the test split's size is
 # checked here, once the split is loaded (before the model is).
-
-
-def _test_split(config):
-  return data.load_split(config, 'test')
 
 
 def _check_indices(indices, size, what, fix):
@@ -163,20 +159,19 @@ def _out_dir(workdir):
 
 # ---------------------------------------------------------------- modes
 
-def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel):
-  """Interpolates between pairs of test images -> WORKDIR/latent/
+def interpolate(test, settings: LatentSettings, seed: int, workdir, load_model: LoadModel):
+  """Interpolates between pairs of images of the test split `test` -> WORKDIR/latent/
   interpolate_<method>_<pairs>_<loaded>.png (pairs '0-1_2-3': test images 0 with 1, 2
   with 3; one row per pair, `steps` columns from image a to image b) and .npz with images
   (uint8 [P, steps, H, W, C]), continuous ([0, 1) float32, same shape), originals
   ([P, 2, H, W, C]), indices [P, 2], t [steps], weights [P, steps, 2] and method.
   Returns the uint8 images."""
-  source = _test_split(config)
-  pairs = interpolation_pairs(settings, len(source))
+  pairs = interpolation_pairs(settings, len(test))
   steps, method = settings.steps, settings.method
-  model, variables, loaded = load_model(config, workdir)
-  originals = np.stack([source[int(i)] for i in pairs.ravel()])
+  model, variables, loaded = load_model()
+  originals = np.stack([test[int(i)] for i in pairs.ravel()])
   start = time.perf_counter()
-  _, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(config.seed))
+  _, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(seed))
   loc, scale = prior_loc_scale(model, variables)
   z_t, dropped_t, weights = interpolate_latents(z, dropped, np.arange(pairs.size).reshape(-1, 2),
                                                 steps, method, loc, scale)
@@ -190,8 +185,8 @@ def interpolate(config, settings: LatentSettings, workdir, load_model: LoadModel
   stem = unused_stem(os.path.join(
       _out_dir(workdir), f'interpolate_{method}_{pairs_name}_{loaded_label(loaded)}'),
       ('.png', '.npz'))
-  evaluate.save_sample_grid(stem + '.png', images.reshape(-1, *shape[2:]), model.spec.num_bits,
-                            ncols=steps)
+  outputs.save_sample_grid(stem + '.png', images.reshape(-1, *shape[2:]), model.spec.num_bits,
+                           ncols=steps)
   write_npz_atomic(stem + '.npz', images=images, continuous=continuous, originals=originals,
                    indices=pairs, t=np.linspace(0.0, 1.0, steps), weights=weights,
                    method=np.array(method))
@@ -227,19 +222,19 @@ def _alternating_rows(originals, reconstructions, per_row: int, num_bits: int):
   return np.concatenate(tiles)
 
 
-def reconstruct(config, settings: LatentSettings, workdir, load_model: LoadModel):
-  """The first latent.num_images test images and inverse(encode(x)) -> WORKDIR/latent/
+def reconstruct(test, settings: LatentSettings, seed: int, workdir, load_model: LoadModel):
+  """The first latent.num_images images of the test split `test` and inverse(encode(x))
+  -> WORKDIR/latent/
   reconstruct_n<num_images>_<loaded>.png (rows alternate: originals, then their
   reconstructions below them, latent.num_per_row per row), .npz (originals, reconstructions uint8;
   continuous, continuous_reconstructed float32 [0, 1)) and .json with the maximum absolute
   error in uint8 levels and in continuous units, how many values (and pixels: any channel)
   differ, and what was loaded. Returns the JSON dict."""
-  source = _test_split(config)
-  check_num_images(settings, len(source))
+  check_num_images(settings, len(test))
   num_images, per_row = settings.num_images, settings.num_per_row
-  model, variables, loaded = load_model(config, workdir)
-  originals = np.stack([source[i] for i in range(num_images)])
-  y, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(config.seed))
+  model, variables, loaded = load_model()
+  originals = np.stack([test[i] for i in range(num_images)])
+  y, z, dropped = encode(model, variables, originals, jax.random.PRNGKey(seed))
   y_rec, reconstructions = decode(model, variables, z, dropped)
   diff = np.abs(originals.astype(np.int64) - reconstructions.astype(np.int64))
   result = {
@@ -256,7 +251,7 @@ def reconstruct(config, settings: LatentSettings, workdir, load_model: LoadModel
       _out_dir(workdir), f'reconstruct_n{num_images}_{loaded_label(loaded)}'),
       ('.png', '.npz', '.json'))
   ncols = min(per_row, num_images)
-  evaluate.save_sample_grid(
+  outputs.save_sample_grid(
       stem + '.png',
       _alternating_rows(originals, reconstructions, ncols, model.spec.num_bits),
       model.spec.num_bits, ncols=ncols)
@@ -271,22 +266,23 @@ def reconstruct(config, settings: LatentSettings, workdir, load_model: LoadModel
   return result
 
 
-def sweep(config, settings: LatentSettings, workdir, load_model: LoadModel, batch_size: int):
-  """`evaluate.temperature_sweep_grid`: row t at latent.temperatures[t] (0 = the mode of
+def sweep(settings: LatentSettings, seed: int, workdir, load_model: LoadModel,
+          batch_size: int):
+  """`sampling.temperature_sweep`: row t at latent.temperatures[t] (0 = the mode of
   every latent, so that row is one image repeated), column n with the noise of
   fold_in(PRNGKey(seed), n) in every row (the row at T = 1 is `--mode sample`'s first
   images) -> WORKDIR/latent/temperature_sweep_T<t1-t2-...>_n<n>_<loaded>.png and .npz
   (images [T, n, H, W, C], temperatures), sampled `batch_size` (sample.batch_size) at a
   time. Returns the images [T * n, H, W, C]."""
   temperatures, per_row = settings.temperatures, settings.num_per_row
-  model, variables, loaded = load_model(config, workdir)
+  model, variables, loaded = load_model()
   temps = _list_name([f'{t:g}' for t in temperatures], '-', 'temps')
   stem = unused_stem(os.path.join(
       _out_dir(workdir), f'temperature_sweep_T{temps}_n{per_row}_{loaded_label(loaded)}'),
       ('.png', '.npz'))
-  images = evaluate.temperature_sweep_grid(model, variables, jax.random.PRNGKey(config.seed),
-                                           stem + '.png', temperatures, per_row,
-                                           batch_size=batch_size)
+  images = sampling.temperature_sweep(model, variables, jax.random.PRNGKey(seed),
+                                     temperatures, per_row, batch_size)
+  outputs.save_sample_grid(stem + '.png', images, model.spec.num_bits, ncols=per_row)
   write_npz_atomic(stem + '.npz',
                    images=images.reshape(len(temperatures), per_row, *images.shape[1:]),
                    temperatures=np.asarray(temperatures))

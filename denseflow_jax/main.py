@@ -2,8 +2,7 @@
 
     python -m denseflow_jax.main --config configs/cifar10.py --workdir runs/c10 [--mode train]
 
-Modes: train (default), eval, sample, summary, interpolate, reconstruct, sweep, fid
-(denseflow_jax/modes.py). Any config field can be
+Modes: the table `modes.MODES` (choices and help lines come from it). Any config field can be
 overridden, e.g. --config.train.batch_size=128 --config.eval.k=1000;
 --config.checkpoint=DIR runs any mode from a converted official checkpoint.
 --multihost (one process per host: TPU pod slices, several GPU hosts; see README.md,
@@ -21,12 +20,10 @@ from denseflow_jax import modes
 from denseflow_jax.config_path import prepare_config_import, shipped_configs
 from denseflow_jax.errors import DenseFlowError, TrainingInterrupted
 
-MODES = ['train', 'eval', 'sample', 'summary', 'interpolate', 'reconstruct', 'sweep', 'fid']
-
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', list(modes.MODES), 'What to run.')
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False, 'Call jax.distributed.initialize() first: one process per host of a TPU '
     'pod slice or per GPU host. On Cloud TPU, SLURM, Open MPI and Kubernetes jobs JAX finds '
@@ -46,14 +43,7 @@ _PROCESS_ID = flags.DEFINE_integer(
 HELP = """usage: python -m denseflow_jax.main --config CONFIG [--workdir DIR] [--mode MODE] [--config.FIELD=VALUE ...]
 
 modes (--mode):
-  train        train (default); the same command resumes from DIR's latest checkpoint
-  eval         test bits/dim: one-sample bound and IWBO with config.eval.k samples
-  sample       config.sample.num images to DIR/samples/
-  summary      parameter table (no --workdir needed)
-  interpolate  latent interpolations between test images (DIR/latent/)
-  reconstruct  test images and their reconstructions (DIR/latent/)
-  sweep        samples at several temperatures (DIR/latent/)
-  fid          FID against the data (needs converted Inception weights, README "FID")
+{modes}
 
 configs: {configs}
 
@@ -69,13 +59,14 @@ every field: configs/default.py; all flags: --helpfull; documentation: README.md
 
 def _help_text() -> str:
   names = shipped_configs()
-  return HELP.format(configs=', '.join(f'configs/{n}' for n in names) if names else
-                     'configs/*.py in the repository')
+  lines = '\n'.join(f'  {name:<12} {mode.help}' for name, mode in modes.MODES.items())
+  return HELP.format(modes=lines, configs=', '.join(f'configs/{n}' for n in names) if names
+                     else 'configs/*.py in the repository')
 
 
 def main(argv):
   if len(argv) > 1:
-    hint = (f'; did you mean --mode {argv[1]}?' if argv[1] in MODES else
+    hint = (f'; did you mean --mode {argv[1]}?' if argv[1] in modes.MODES else
             '; options are written --name=value (python -m denseflow_jax.main --help)')
     raise SystemExit(f'error: unexpected argument {argv[1]!r}{hint}')
   logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO

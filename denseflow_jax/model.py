@@ -13,7 +13,7 @@ Randomness is explicit. `log_prob` takes a `noise` pytree
 and `inverse` takes the latent and the dropped halves, so tests can hand in
 recorded noise; `draw_noise` / `draw_sample_noise` make them from a key. Evaluation and
 sampling with keys live in evaluate.py (one key per row: a row's bound or image does not
-depend on the batch it is computed in); the train step draws per batch (train.py).
+depend on the batch it is computed in); the train step draws per batch (train_step.py).
 """
 import functools
 import math

@@ -1,19 +1,26 @@
-"""What each `--mode` of `denseflow_jax.main` does.
+"""What each `--mode` of `denseflow_jax.main` does: one table, :data:`MODES`.
 
-Every mode first builds the settings of each section it reads (settings.py: a ConfigError
-naming the field), then loads data and the model: a bad value never waits for a load.
-The modes that run a trained model get it from `loading.load_model`; `run` applies
-`ablation.finalize_config` and checks the model and --workdir before any mode starts.
+    modes.run('eval', config, workdir)
+
+`run` applies `ablation.finalize_config`, then builds the settings of each section the
+mode reads, once (settings.py / spec.py: a ConfigError naming the field), and checks
+--workdir, before any data or model is loaded: a bad value never waits for a load. The
+mode then gets those typed settings; only the loaders of trained models
+(`loading.load_model`) and of training (`train.train_and_evaluate`, which records the
+config in its checkpoints) see the config itself. `main.py` reads its choices and its
+help from the same table.
 """
 import dataclasses
 import functools
 import json
 import os
 import time
+from typing import Any, Callable, Tuple
 
 import jax
+import numpy as np
 
-from denseflow_jax import data, latent_tools
+from denseflow_jax import data, latent_tools, outputs, sampling
 from denseflow_jax import evaluate as evaluate_lib
 from denseflow_jax import fid as fid_lib
 from denseflow_jax import model as model_lib
@@ -22,157 +29,156 @@ from denseflow_jax.ablation import finalize_config
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.files import unused_stem
 from denseflow_jax.loading import load_model, loaded_label
-from denseflow_jax.settings import (DataSettings, EvalSettings, FidSettings, LatentSettings,
-                                    RunSettings, SampleSettings, TrainSettings)
-from denseflow_jax.spec import spec_from_config
+from denseflow_jax.settings import Settings
 from denseflow_jax.summary import format_table, parameter_table
 from denseflow_jax.train_step import eval_variables
 
 
-def summary(config, workdir=None):
+def _load_trained(config, s: Settings, workdir):
+  """(model, variables, loaded) of every mode that runs a trained model: loading.load_model
+  with eval.use_ema and eval.which."""
+  return load_model(config, workdir, s.eval.use_ema, s.eval.which)
+
+
+def _test_split(s: Settings):
+  return data.load_split(s.data, 'test', s.model.image_shape, s.model.num_bits)
+
+
+# ---------------------------------------------------------------- the modes
+# Each takes (config, settings, workdir); config only for the loaders named above.
+
+
+def summary(config, s: Settings, workdir):
   """Trainable-parameter table of config.model, from shapes only (no --workdir needed)."""
-  del workdir
-  spec = spec_from_config(config.model)
-  print(format_table(parameter_table(spec), spec))
+  del config, workdir
+  print(format_table(parameter_table(s.model), s.model))
 
 
-def _loader(eval_settings: EvalSettings):
-  """`load_model(config, workdir)` for every mode: loading.load_model with eval.use_ema
-  and eval.which."""
-  return lambda config, workdir: load_model(config, workdir, eval_settings.use_ema,
-                                            eval_settings.which)
-
-
-# Every mode that loads a model reads eval.use_ema; those that read images read data.*.
-
-
-def evaluate(config, workdir):
-  """Bits/dim on the test split: one-sample bound and IWBO with config.eval.k samples."""
-  run = RunSettings.from_config(config)
-  DataSettings.from_config(config)
-  settings = EvalSettings.from_config(config)
-  model, variables, loaded = _loader(settings)(config, workdir)
-  key = jax.random.PRNGKey(run.seed)
-  test = data.load_split(config, 'test')
-  result = evaluate_lib.evaluate_dataset(model, variables, config, key, settings, source=test)
-  images, mask = next(iter(data.iterate_eval(config, 'test', settings.batch_size,
-                                             settings.num_examples, source=test)))  # first batch
+def evaluate(config, s: Settings, workdir):
+  """Bits/dim on the test split: one-sample bound and IWBO with eval.k samples."""
+  model, variables, loaded = _load_trained(config, s, workdir)
+  key = jax.random.PRNGKey(s.run.seed)
+  test = _test_split(s)
+  result = evaluate_lib.evaluate_dataset(model, variables, test, key, s.eval,
+                                         prefetch=s.data.prefetch)
+  first = data.eval_examples(test, s.eval.num_examples)
+  images = np.stack([test[i] for i in range(min(first, s.eval.batch_size))])  # 1st batch
   result['reconstruction_error'] = evaluate_lib.reconstruction_error(
-      model, variables, images[mask], jax.random.fold_in(key, 10**6))
-  result.update(loaded, seed=run.seed)
-  path = evaluate_lib.write_eval_json(workdir, result,
-                                      name=f'test_k{result["k"]}_{loaded_label(loaded)}')
+      model, variables, images, jax.random.fold_in(key, 10**6))
+  result.update(loaded, seed=s.run.seed)
+  path = outputs.write_eval_json(workdir, result,
+                                 name=f'test_k{result["k"]}_{loaded_label(loaded)}')
   print(json.dumps(result, indent=1))
   print(f'wrote {path}')
   return result
 
 
-def sample(config, workdir):
-  """config.sample.num images at config.sample.temperature -> PNG grid and .npz."""
-  run = RunSettings.from_config(config)
-  eval_settings = EvalSettings.from_config(config)
-  settings = SampleSettings.from_config(config)
-  num, temperature = settings.num, settings.temperature
-  model, variables, loaded = _loader(eval_settings)(config, workdir)
-  key = jax.random.PRNGKey(run.seed)
+def sample(config, s: Settings, workdir):
+  """sample.num images at sample.temperature -> PNG grid and .npz in WORKDIR/samples."""
+  num, temperature = s.sample.num, s.sample.temperature
+  model, variables, loaded = _load_trained(config, s, workdir)
   start = time.perf_counter()
-  images = evaluate_lib.sample_images(model, variables, key, num, temperature,
-                                      settings.batch_size)
+  images = sampling.sample_images(model, variables, jax.random.PRNGKey(s.run.seed), num,
+                                  temperature, s.sample.batch_size)
   seconds = time.perf_counter() - start
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(out_dir, exist_ok=True)
   stem = unused_stem(os.path.join(
       out_dir, f'samples_T{temperature:g}_n{num}_{loaded_label(loaded)}'), ('.png', '.npz'))
-  evaluate_lib.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits)
-  evaluate_lib.save_samples_npz(stem + '.npz', images, temperature, seconds)
+  outputs.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits)
+  outputs.save_samples_npz(stem + '.npz', images, temperature, seconds)
   print(f'{num} samples at temperature {temperature:g} in {seconds:.2f} s '
         f'(including compilation) -> {stem}.png, {stem}.npz')
   return images
 
 
-def interpolate(config, workdir):
-  """Latent interpolation between pairs of test images -> WORKDIR/latent/ (latent_tools)."""
-  RunSettings.from_config(config)
-  DataSettings.from_config(config)
-  eval_settings = EvalSettings.from_config(config)
-  settings = LatentSettings.from_config(config)
-  return latent_tools.interpolate(config, settings, workdir, _loader(eval_settings))
+def latent_mode(tool: Callable):
+  """interpolate / reconstruct: `tool` of latent_tools on the test split, from a trained
+  model -> WORKDIR/latent/."""
+  def run_tool(config, s: Settings, workdir):
+    return tool(_test_split(s), s.latent, s.run.seed, workdir,
+                lambda: _load_trained(config, s, workdir))
+  run_tool.__doc__ = tool.__doc__
+  return run_tool
 
 
-def reconstruct(config, workdir):
-  """Test images next to inverse(encode(x)) and the largest error -> WORKDIR/latent/."""
-  RunSettings.from_config(config)
-  DataSettings.from_config(config)
-  eval_settings = EvalSettings.from_config(config)
-  settings = LatentSettings.from_config(config)
-  return latent_tools.reconstruct(config, settings, workdir, _loader(eval_settings))
+def sweep(config, s: Settings, workdir):
+  """Samples at latent.temperatures (0 included), the same noise per column."""
+  return latent_tools.sweep(s.latent, s.run.seed, workdir,
+                            lambda: _load_trained(config, s, workdir), s.sample.batch_size)
 
 
-def sweep(config, workdir):
-  """Samples at config.latent.temperatures (0 included), same noise per column."""
-  RunSettings.from_config(config)
-  eval_settings = EvalSettings.from_config(config)
-  settings = LatentSettings.from_config(config)
-  sample_settings = SampleSettings.from_config(config)
-  return latent_tools.sweep(config, settings, workdir, _loader(eval_settings),
-                            sample_settings.batch_size)
-
-
-def fid(config, workdir):
-  """FID of config.fid.num_samples samples against each of config.fid.splits (the data
-  statistics are cached); writes WORKDIR/fid_T<temperature>_n<num>.json."""
-  RunSettings.from_config(config)
-  DataSettings.from_config(config)
-  eval_settings = EvalSettings.from_config(config)
-  settings = FidSettings.from_config(config)
-  fid_lib.require_inception_weights(settings)
-  return fid_lib.run_fid(config, settings, workdir, _loader(eval_settings))
+def fid(config, s: Settings, workdir):
+  """FID of fid.num_samples samples against each of fid.splits (the data statistics are
+  cached); writes WORKDIR/fid_T<temperature>_n<num>_<loaded>.json."""
+  fid_lib.require_inception_weights(s.fid)
+  return fid_lib.run_fid(s.fid, s.data, s.run.seed, workdir,
+                         lambda: _load_trained(config, s, workdir))
 
 
 # What --mode train's evaluation returns: the names train.best_metric may take.
 TRAIN_METRICS = ('test_bpd',)
 
 
-def train(config, workdir):
+def train(config, s: Settings, workdir):
   """The official recipe with periodic test bits/dim (one-sample bound) and sample grids."""
-  run = RunSettings.from_config(config)
-  DataSettings.from_config(config)
-  train_settings = TrainSettings.from_config(config)
-  eval_settings = EvalSettings.from_config(config)
-  sample_settings = SampleSettings.from_config(config)
-  if train_settings.best_metric not in TRAIN_METRICS:
+  if s.train.best_metric not in TRAIN_METRICS:
     # Any other name would never be found: WORKDIR/best would silently never be written.
     raise ConfigError(f'train.best_metric must be one of {TRAIN_METRICS} (what --mode train '
-                      f'evaluates), got {train_settings.best_metric!r}')
-  model = model_lib.make_model(config.model)
-  key = jax.random.PRNGKey(run.seed + 1)
+                      f'evaluates), got {s.train.best_metric!r}')
+  model = model_lib.make_model(s.model)
+  key = jax.random.PRNGKey(s.run.seed + 1)
   log_prob_fn = evaluate_lib.make_log_prob_fn(model)
   samples_dir = os.path.join(workdir, 'samples')
   # The periodic evaluation is the one-sample bound (k = 1), with eval's batches.
-  periodic = dataclasses.replace(eval_settings, k=1)
-
-  @functools.cache
-  def test_split():
-    """Loaded at the first evaluation (after the training data's checks), then reused."""
-    return data.load_split(config, 'test')
+  periodic = dataclasses.replace(s.eval, k=1)
+  test_split = functools.cache(lambda: _test_split(s))   # at the first evaluation, once
 
   def eval_fn(state, step):
-    variables = eval_variables(state, eval_settings.use_ema)
-    result = evaluate_lib.evaluate_dataset(model, variables, config, key, periodic,
-                                           log_prob_fn=log_prob_fn, progress=False,
-                                           source=test_split())
+    variables = eval_variables(state, s.eval.use_ema)
+    result = evaluate_lib.evaluate_dataset(model, variables, test_split(), key, periodic,
+                                           prefetch=s.data.prefetch, log_prob_fn=log_prob_fn,
+                                           progress=False)
     return {'test_bpd': result['elbo_bpd']}
 
   def sample_fn(state, step):
-    variables = eval_variables(state, eval_settings.use_ema)
-    images = evaluate_lib.sample_images(model, variables, jax.random.fold_in(key, step),
-                                        sample_settings.num, sample_settings.temperature,
-                                        sample_settings.batch_size)
+    variables = eval_variables(state, s.eval.use_ema)
+    images = sampling.sample_images(model, variables, jax.random.fold_in(key, step),
+                                    s.sample.num, s.sample.temperature, s.sample.batch_size)
     os.makedirs(samples_dir, exist_ok=True)
-    evaluate_lib.save_sample_grid(os.path.join(samples_dir, f'step_{step:08d}.png'), images,
-                                  num_bits=model.spec.num_bits)
+    outputs.save_sample_grid(os.path.join(samples_dir, f'step_{step:08d}.png'), images,
+                             num_bits=model.spec.num_bits)
 
-  return train_lib.train_and_evaluate(config, workdir, eval_fn=eval_fn, sample_fn=sample_fn)
+  return train_lib.train_and_evaluate(config, workdir, eval_fn=eval_fn, sample_fn=sample_fn,
+                                      settings=s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """One --mode: what it runs, the config sections it reads besides the model and the top
+  level, its line in --help, and whether it writes into --workdir (needs one)."""
+  run: Callable[[Any, Settings, str], Any]
+  sections: Tuple[str, ...]
+  help: str
+  writes: bool = True
+
+
+MODES = {
+    'train': Mode(train, ('data', 'train', 'eval', 'sample'),
+                  "train (default); the same command resumes from DIR's latest checkpoint"),
+    'eval': Mode(evaluate, ('data', 'eval'),
+                 'test bits/dim: one-sample bound and IWBO with config.eval.k samples'),
+    'sample': Mode(sample, ('eval', 'sample'), 'config.sample.num images to DIR/samples/'),
+    'summary': Mode(summary, (), 'parameter table (no --workdir needed)', writes=False),
+    'interpolate': Mode(latent_mode(latent_tools.interpolate), ('data', 'eval', 'latent'),
+                        'latent interpolations between test images (DIR/latent/)'),
+    'reconstruct': Mode(latent_mode(latent_tools.reconstruct), ('data', 'eval', 'latent'),
+                        'test images and their reconstructions (DIR/latent/)'),
+    'sweep': Mode(sweep, ('eval', 'latent', 'sample'),
+                  'samples at several temperatures (DIR/latent/)'),
+    'fid': Mode(fid, ('data', 'eval', 'fid'),
+                'FID against the data (needs converted Inception weights, README "FID")'),
+}
 
 
 def check_workdir_writable(workdir):
@@ -190,17 +196,15 @@ def check_workdir_writable(workdir):
                       f'{existing}; choose another --workdir or fix the permissions')
 
 
-MODES = {'train': train, 'eval': evaluate, 'sample': sample, 'summary': summary,
-         'interpolate': interpolate, 'reconstruct': reconstruct, 'sweep': sweep, 'fid': fid}
-
-
 def run(mode: str, config, workdir):
-  config = finalize_config(config)
+  """Runs `mode` (a key of MODES) with `config` in `workdir`; returns what the mode returns."""
   if mode not in MODES:
     raise ConfigError(f'unknown mode {mode!r}; choose one of {sorted(MODES)}')
-  if mode != 'summary' and not workdir:
+  spec = MODES[mode]
+  config = finalize_config(config)
+  if spec.writes and not workdir:
     raise ConfigError(f'--workdir is required for --mode={mode}')
-  spec_from_config(config.model)   # every model error before anything is loaded or compiled
-  if mode != 'summary':
+  settings = Settings.from_config(config, spec.sections)   # every check before a load
+  if spec.writes:
     check_workdir_writable(workdir)
-  return MODES[mode](config, workdir)
+  return spec.run(config, settings, workdir)

@@ -1,7 +1,9 @@
-"""Every config section but `model` as a frozen, validated dataclass.
+"""Every config section but `model` as a frozen, validated dataclass, and :class:`Settings`,
+the checked sections of one run.
 
     train = TrainSettings.from_config(config)      # ConfigError naming the field and the fix
     step = train.step_settings(steps_per_epoch)    # what the compiled train step depends on
+    s = Settings.from_config(config, ('data', 'eval'))   # s.run, s.model, s.data, s.eval
 
 One dataclass per section of configs/default.py (`model` is `spec.ModelSpec`), plus
 :class:`RunSettings` for the top-level fields. ``from_config(config)`` reads every field
@@ -19,20 +21,21 @@ Only checks that need nothing but the config live here. Those that need more sta
 that is known: test indices against the size of the test split (latent_tools), the
 Inception weights file (fid.require_inception_weights), whether the data files exist and
 which data.* fields the chosen data set reads (data.load_split), a fine-tune's trained
-model and the batch dividing over the devices (train).
+model (train) and the batch dividing over the devices (sharding.split_batch).
 
 The checks of single fields and the reading of a section are in config_checks.py.
 
-Nothing here imports JAX or the data pipeline: checking a config takes milliseconds
-(`--mode eval --config.eval.k=0` fails in the time it takes to start Python).
+Nothing here reads data or builds a model: checking a config takes milliseconds
+(`--mode eval --config.eval.k=0` fails before anything is loaded or compiled).
 """
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 from denseflow_jax.config_checks import (Checked, check_bool, check_choice, check_int, check_number,
                                          check_positive_int, check_sequence, check_str, fail,
                                          is_int, is_number)
 from denseflow_jax.errors import ConfigError
+from denseflow_jax.spec import ModelSpec, spec_from_config
 
 PHASES = ('pretrain', 'finetune')
 OPTIMIZERS = ('adamax', 'adam')
@@ -118,9 +121,9 @@ class StepSettings(Checked):
 @dataclasses.dataclass(frozen=True)
 class TrainSettings(Checked):
   """config.train: the official recipe (lr schedule, phase, optimizer, EMA, clipping), how
-  long to train, and how often to log, evaluate, sample and checkpoint. See the module
-  docstring of train.py for the schedule and the fine-tune phase."""
-  batch_size: int            # the global batch (dividing over the devices: train checks)
+  long to train, and how often to log, evaluate, sample and checkpoint. The lr schedule is
+  in the module docstring of train_step.py, the fine-tune phase in train.py's."""
+  batch_size: int            # the global batch (dividing over the devices: sharding.split_batch)
   epochs: int
   optimizer: str
   lr: float
@@ -349,3 +352,24 @@ class DataSettings(Checked):
 
 SECTIONS = {cls.SECTION: cls for cls in (TrainSettings, EvalSettings, SampleSettings,
                                          LatentSettings, FidSettings, DataSettings)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The checked settings of one run: the top level (`run`) and the model always, each
+  other section where the run reads it (None where it does not). Built once, by
+  `modes.run` (or `train.train_and_evaluate` called as a library), and passed down."""
+  run: RunSettings
+  model: ModelSpec
+  train: Optional[TrainSettings] = None
+  eval: Optional[EvalSettings] = None
+  sample: Optional[SampleSettings] = None
+  latent: Optional[LatentSettings] = None
+  fid: Optional[FidSettings] = None
+  data: Optional[DataSettings] = None
+
+  @classmethod
+  def from_config(cls, config, sections: Tuple[str, ...] = tuple(SECTIONS)) -> 'Settings':
+    """Each of `sections` (names of SECTIONS) built, and so checked, once from `config`."""
+    return cls(run=RunSettings.from_config(config), model=spec_from_config(config.model),
+               **{name: SECTIONS[name].from_config(config) for name in sections})

@@ -8,6 +8,9 @@ XLA inserts the gradient all-reduce; BatchNorm and ActNorm-init statistics are o
 global batch, so results do not depend on the device or host count
 (tests/test_multihost.py).
 """
+import dataclasses
+import math
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -40,13 +43,47 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_divisible(batch_size: int, mesh) -> None:
-  n = mesh.size
-  if int(batch_size) % n:
-    raise ConfigError(
-        f'train.batch_size = {batch_size} (the global batch) does not divide over the {n} '
-        f'devices; set --config.train.batch_size to a multiple of {n}, e.g. '
-        f'{max(n, int(batch_size) // n * n)}')
+@dataclasses.dataclass(frozen=True)
+class BatchSplit:
+  """A global batch of ``size`` rows and this process's share of it.
+
+  The one check that a batch divides over the devices (``device_count``, over all
+  processes; a multiple of ``process_count``), and the one computation of the rows a
+  process feeds: process p gets rows ``[p * local_size, (p + 1) * local_size)``. ``field``
+  names the setting the size comes from, for the error (a ConfigError naming the fix).
+  Build it for a run with :func:`split_batch`.
+  """
+  size: int
+  field: str = 'the batch size'
+  process_index: int = 0
+  process_count: int = 1
+  device_count: int = 1
+
+  def __post_init__(self):
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f'process_index {self.process_index} is not in [0, {self.process_count})')
+    n = math.lcm(self.device_count, self.process_count)
+    if int(self.size) <= 0 or int(self.size) % n:
+      where = f'the {n} devices' if n == self.device_count else f'{n} devices / processes'
+      raise ConfigError(
+          f'{self.field} = {self.size} (the global batch) does not divide over {where}; '
+          f'set --config.{self.field} to a multiple of {n}, e.g. {max(n, int(self.size) // n * n)}')
+
+  @property
+  def local_size(self) -> int:
+    """The rows this process feeds: size // process_count."""
+    return int(self.size) // self.process_count
+
+  @property
+  def start(self) -> int:
+    """This process's first row in the global batch."""
+    return self.process_index * self.local_size
+
+
+def split_batch(size: int, field: str, mesh=None) -> BatchSplit:
+  """``size`` split over ``mesh`` (default: every device of every process) for this process."""
+  devices = jax.device_count() if mesh is None else mesh.size
+  return BatchSplit(int(size), field, jax.process_index(), jax.process_count(), devices)
 
 
 def global_batch(local_batch: np.ndarray, mesh) -> jax.Array:

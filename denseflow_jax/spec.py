@@ -21,21 +21,23 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  image_shape: Tuple[int, int, int] = (32, 32, 3)      # H, W, C
-  num_bits: int = 8
-  block_config: Tuple[int, ...] = (6, 4, 1)
-  layers_config: Tuple[int, ...] = (5, 6, 20)
-  mid_channels: Tuple[int, ...] = (48, 48, 48)
-  growth_rate: int = 10
-  cross_unit: bool = True
-  noise: str = 'preconditioned'
-  coupling_net: str = 'dense_attention'
-  glow_channels: int = 256
-  dequantization: str = 'variational'
-  conv1x1: str = 'full'
-  compute_dtype: str = 'float32'
-  remat: bool = False
-  scan_unroll: int = 64         # modules per scan iteration (>= modules per unit: unrolled)
+  """config.model, checked (`spec_from_config`). No field has a default here: the defaults
+  live in configs/default.py only (`dataclasses.replace` a spec to vary one)."""
+  image_shape: Tuple[int, int, int]     # H, W, C
+  num_bits: int
+  block_config: Tuple[int, ...]
+  layers_config: Tuple[int, ...]
+  mid_channels: Tuple[int, ...]
+  growth_rate: int
+  cross_unit: bool
+  noise: str
+  coupling_net: str
+  glow_channels: int
+  dequantization: str
+  conv1x1: str
+  compute_dtype: str
+  remat: bool
+  scan_unroll: int              # modules per scan iteration (>= modules per unit: unrolled)
 
   @property
   def growth(self) -> int:
@@ -85,6 +87,10 @@ def spec_from_config(model_config) -> ModelSpec:
   unknown = sorted(set(cfg) - known)
   if unknown:
     raise ConfigError(f'unknown model config keys {unknown}; valid keys are {sorted(known)}')
+  missing = sorted(known - set(cfg))
+  if missing:
+    raise ConfigError(f'model config lacks {missing}; build the config on '
+                      'configs/default.py (default.get_config()), which sets every field')
   for key in ('image_shape', 'block_config', 'layers_config', 'mid_channels'):
     if key in cfg:
       cfg[key] = _ints(key, cfg[key])

@@ -2,7 +2,9 @@
 checkpoints, logs and resumption, around the compiled step of train_step.py.
 
 The loop reads as a story (``_train_loop``): restore or initialise, plan the steps, then
-after each step ask the plan whether it is time to log, evaluate, sample or save.
+after each step ask the plan whether it is time to log, evaluate, sample or save. What
+stays fixed during a run (settings, spec, mesh, checkpointer, data iterator, hooks) is one
+frozen record, ``_Run``.
 
 Non-finite steps are skipped inside the step (train_step.py); the loop looks at the
 counter where it syncs anyway (log lines, evaluations, samples, checkpoints) and stops once
@@ -36,11 +38,11 @@ from denseflow_jax import data as data_lib
 from denseflow_jax.errors import ConfigError, DataError, NonFiniteError, TrainingInterrupted
 from denseflow_jax.interrupt import stop_signals
 from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow
-from denseflow_jax.settings import EvalSettings, TrainSettings
-from denseflow_jax.sharding import check_batch_divisible, global_batch, make_mesh, replicated
+from denseflow_jax.settings import Settings, TrainSettings
+from denseflow_jax.sharding import BatchSplit, global_batch, make_mesh, replicated, split_batch
+from denseflow_jax.spec import ModelSpec
 from denseflow_jax.train_step import (TrainState, all_finite, eval_variables, make_state_init,
                                       make_train_step, uses_ema)
-from denseflow_jax.spec import spec_from_config
 
 PRETRAINED_DIR = 'pretrained'
 
@@ -57,10 +59,30 @@ def _is_finite_tree(tree) -> bool:
   return bool(_all_finite_jit(tree))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """Everything a training run needs besides its changing state, set up once by
+  train_and_evaluate: the loop's helpers take this record, not a dozen arguments."""
+  config: Any                       # only to record it with each checkpoint and saved model
+  workdir: pathlib.Path
+  train: TrainSettings
+  use_ema: bool                     # what WORKDIR/best holds
+  seed: int
+  checkpoint: str                   # config.checkpoint: variables to start from ('' = none)
+  spec: ModelSpec
+  mesh: jax.sharding.Mesh
+  batch: BatchSplit                 # train.batch_size over the mesh
+  checkpointer: ckpt_lib.TrainCheckpointer
+  latest: Optional[int]             # the workdir's latest checkpoint step, if any
+  iterator: data_lib.TrainIterator
+  eval_fn: Optional[Callable[[TrainState, int], Optional[Mapping]]]
+  sample_fn: Optional[Callable[[TrainState, int], Any]]
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike,
                        eval_fn: Optional[Callable[[TrainState, int], Optional[Mapping]]] = None,
-                       sample_fn: Optional[Callable[[TrainState, int], Any]] = None
-                       ) -> TrainState:
+                       sample_fn: Optional[Callable[[TrainState, int], Any]] = None,
+                       settings: Optional[Settings] = None) -> TrainState:
   """Trains (or resumes / fine-tunes) in ``workdir``; returns the final state.
 
   SIGTERM or SIGINT during the loop: the current step finishes, a checkpoint is written
@@ -68,7 +90,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   with its ``exit_code``); a second SIGINT aborts at once.
 
   Args:
-    config: the full config (configs/default.py).
+    config: the full config (configs/default.py), recorded with every checkpoint.
     workdir: checkpoints, metrics.jsonl and tensorboard/ go here; a complete checkpoint
       in it is resumed exactly (its model config must match).
     eval_fn: called as ``eval_fn(state, step)`` every ``train.eval_every_epochs`` epochs
@@ -76,38 +98,42 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       ``train.best_metric`` (default 'test_bpd', lower is better) and improves, the
       evaluation variables are saved to WORKDIR/best.
     sample_fn: called as ``sample_fn(state, step)`` every ``train.sample_every_epochs``.
+    settings: the checked settings of ``config`` with the sections data, train and eval
+      (``modes.run`` passes its own); None builds them here.
 
   The hooks run on every process and must not keep references to the state's arrays: the
   next step donates (reuses) their buffers.
   """
   workdir = pathlib.Path(workdir).resolve()
   # ---- everything that can fail on the config, before any compilation ----
-  spec = spec_from_config(config.model)
-  settings = TrainSettings.from_config(config)
-  use_ema = EvalSettings.from_config(config).use_ema    # what WORKDIR/best holds
+  if settings is None:
+    settings = Settings.from_config(config, ('data', 'train', 'eval'))
   mesh = make_mesh()
-  check_batch_divisible(settings.batch_size, mesh)
+  batch = split_batch(settings.train.batch_size, 'train.batch_size', mesh)
   with contextlib.ExitStack() as cleanup:
-    checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=settings.keep_checkpoints)
+    checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=settings.train.keep_checkpoints)
     cleanup.callback(checkpointer.close)
     latest = checkpointer.latest_step()
+    s = settings
     if latest is not None:
       ckpt_lib.check_model_config(
           checkpointer.stored_config(latest), config, f'--workdir {workdir}',
           'Use a new --workdir for a different model (the old one is left untouched).')
-    elif config.checkpoint:
+    elif s.run.checkpoint:
       ckpt_lib.check_model_config(
-          ckpt_lib.read_config(config.checkpoint), config,
-          f'config.checkpoint {config.checkpoint}',
+          ckpt_lib.read_config(s.run.checkpoint), config, f'config.checkpoint {s.run.checkpoint}',
           "Set the model fields to the checkpoint's values, or use another checkpoint.")
-    elif settings.phase == 'finetune':
+    elif s.train.phase == 'finetune':
       raise ConfigError(
           "train.phase='finetune' needs a trained model: a checkpoint in --workdir (the "
           'pretraining run) or --config.checkpoint')
-    iterator = data_lib.make_train_iterator(config, jax.process_index(), jax.process_count())
+    source = data_lib.load_split(s.data, 'train', s.model.image_shape, s.model.num_bits)
+    iterator = data_lib.make_train_iterator(s.data, source, s.model.image_shape, batch,
+                                            s.run.seed)
     cleanup.callback(iterator.close)
-    return _train_loop(config, settings, use_ema, workdir, spec, mesh, checkpointer, latest,
-                       iterator, eval_fn, sample_fn)
+    return _train_loop(_Run(
+        config, workdir, s.train, s.eval.use_ema, s.run.seed, s.run.checkpoint, s.model, mesh,
+        batch, checkpointer, latest, iterator, eval_fn, sample_fn))
 
 
 def _start_event(workdir, checkpoints, phase, latest, start_step, total_steps):
@@ -164,32 +190,35 @@ class _Plan:
     return step % self.checkpoint_every == 0 or step == self.total
 
 
-def _initial_state(config, phase, workdir, checkpointer, latest, iterator, init_fn, to_state_fn,
-                   abstract_state, abstract_variables, init_key, mesh):
+def _initial_state(run: _Run, init_fn, to_state_fn, init_key):
   """(state, meta, first_batch): the latest checkpoint of the workdir, else the variables
   of config.checkpoint, else the data-dependent (ActNorm) initialisation on the first
   batch, which step 0 then trains on (first_batch is None otherwise)."""
-  if latest is not None:
-    state, data_state, meta = checkpointer.restore(latest, abstract_state)
-    if phase == 'pretrain' and meta.get('phase') == 'finetune':
-      raise ConfigError(f"--workdir {workdir} holds a fine-tuning run; resume it with "
+  batch_struct = jax.ShapeDtypeStruct((run.batch.size, *run.spec.image_shape), jnp.uint8)
+  abstract_variables = jax.eval_shape(init_fn, init_key, batch_struct)
+  if run.latest is not None:
+    abstract_state = _replicated_structs(jax.eval_shape(to_state_fn, abstract_variables),
+                                         run.mesh)
+    state, data_state, meta = run.checkpointer.restore(run.latest, abstract_state)
+    if run.train.phase == 'pretrain' and meta.get('phase') == 'finetune':
+      raise ConfigError(f"--workdir {run.workdir} holds a fine-tuning run; resume it with "
                         "--config.train.phase=finetune")
-    iterator.set_state(data_state)
-    logging.info('resumed from %s step %d', checkpointer.directory, latest)
+    run.iterator.set_state(data_state)
+    logging.info('resumed from %s step %d', run.checkpointer.directory, run.latest)
     return state, meta, None
-  if config.checkpoint:
-    variables = ckpt_lib.load_variables(config.checkpoint)
-    ckpt_lib.check_variables(variables, abstract_variables, config.checkpoint)
-    logging.info('starting from the variables in %s', config.checkpoint)
-    return to_state_fn(jax.device_put(variables, replicated(mesh))), {}, None
-  first_batch = next(iterator)
-  return to_state_fn(init_fn(init_key, global_batch(first_batch, mesh))), {}, first_batch
+  if run.checkpoint:
+    variables = ckpt_lib.load_variables(run.checkpoint)
+    ckpt_lib.check_variables(variables, abstract_variables, run.checkpoint)
+    logging.info('starting from the variables in %s', run.checkpoint)
+    return to_state_fn(jax.device_put(variables, replicated(run.mesh))), {}, None
+  first_batch = next(run.iterator)
+  return to_state_fn(init_fn(init_key, global_batch(first_batch, run.mesh))), {}, first_batch
 
 
-def _plan_phase(config, t: TrainSettings, workdir, state, start_step, latest, meta,
-                steps_per_epoch):
+def _plan_phase(run: _Run, state, start_step, meta):
   """(total_steps, meta) for this phase. A fine-tune that starts from a pretraining
   checkpoint of the workdir first copies the pretrained variables to WORKDIR/pretrained."""
+  t, steps_per_epoch = run.train, run.iterator.steps_per_epoch
   if t.phase != 'finetune':
     total = t.num_steps if t.num_steps > 0 else t.epochs * steps_per_epoch
     return total, dict(meta, phase='pretrain')
@@ -197,10 +226,10 @@ def _plan_phase(config, t: TrainSettings, workdir, state, start_step, latest, me
     finetune_start = int(meta['finetune_start_step'])
   else:
     finetune_start = start_step
-    if latest is not None:
-      logging.info('saving the pretrained variables to %s', workdir / PRETRAINED_DIR)
-      ckpt_lib.save_variables(workdir / PRETRAINED_DIR, eval_variables(state, use_ema=False),
-                              config, {'step': start_step})
+    if run.latest is not None:
+      logging.info('saving the pretrained variables to %s', run.workdir / PRETRAINED_DIR)
+      ckpt_lib.save_variables(run.workdir / PRETRAINED_DIR, eval_variables(state, use_ema=False),
+                              run.config, {'step': start_step})
   length = t.num_steps if t.num_steps > 0 else t.finetune_epochs * steps_per_epoch
   return finetune_start + length, dict(meta, phase='finetune', finetune_start_step=finetune_start)
 
@@ -225,72 +254,68 @@ def _check_nonfinite(window: MetricsWindow, step: int, max_bad: int, directory) 
         f'{directory}')
 
 
-def _save(checkpointer, step, state, iterator, config, meta) -> None:
+def _save(run: _Run, step, state, meta) -> None:
   if not _is_finite_tree((state.params, state.batch_stats, state.ema_params)):
     raise NonFiniteError(
         f'refusing to checkpoint step {step}: the parameters are not finite (the last '
-        f'checkpoint in {checkpointer.directory} is kept). Lower train.lr, set '
+        f'checkpoint in {run.checkpointer.directory} is kept). Lower train.lr, set '
         'train.grad_clip, or resume from that checkpoint')
   # orbax copies the arrays to the host before save() returns (synchronous device-to-host
   # transfer), so the next step may donate the state's buffers.
-  checkpointer.save(step, state, iterator.get_state(), config, meta)
+  run.checkpointer.save(step, state, run.iterator.get_state(), run.config, meta)
 
 
-def _evaluate(eval_fn, state, step, epoch, config, best_metric, use_ema, workdir, meta,
-              log) -> dict:
+def _evaluate(run: _Run, state, step, meta, log) -> dict:
   """Runs eval_fn, logs and prints its results, and saves WORKDIR/best when the best metric
   improves (into ``meta``, which the next checkpoint stores)."""
-  results = {k: float(v) for k, v in (eval_fn(state, step) or {}).items()}
+  results = {k: float(v) for k, v in (run.eval_fn(state, step) or {}).items()}
   if not results:
     return results
+  epoch = step / run.iterator.steps_per_epoch
   log.write({'step': step, 'epoch': epoch, **results}, 'eval')
   log.say(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+  best_metric = run.train.best_metric
   value = results.get(best_metric)
   if value is not None and math.isfinite(value) and value < meta.get('best', math.inf):
     meta['best'], meta['best_step'] = value, step
-    ckpt_lib.save_variables(workdir / ckpt_lib.BEST_DIR, eval_variables(state, use_ema),
-                            config, {'step': step, best_metric: value,
-                                     'parameters': 'ema' if uses_ema(state, use_ema) else 'raw'})
+    ckpt_lib.save_variables(run.workdir / ckpt_lib.BEST_DIR, eval_variables(state, run.use_ema),
+                            run.config, {'step': step, best_metric: value, 'parameters':
+                                         'ema' if uses_ema(state, run.use_ema) else 'raw'})
   return results
 
 
-def _train_loop(config, t: TrainSettings, use_ema: bool, workdir, spec, mesh, checkpointer,
-                latest, iterator, eval_fn, sample_fn) -> TrainState:
+def _train_loop(run: _Run) -> TrainState:
   """The body of train_and_evaluate once the checkpointer and the data iterator exist."""
+  t, steps_per_epoch = run.train, run.iterator.steps_per_epoch
   is_main = jax.process_index() == 0
-  steps_per_epoch = iterator.steps_per_epoch
-  init_fn, to_state_fn = make_state_init(spec, t, mesh, steps_per_epoch)
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-  batch_struct = jax.ShapeDtypeStruct((t.batch_size, *spec.image_shape), jnp.uint8)
-  abstract_variables = jax.eval_shape(init_fn, init_key, batch_struct)
-  abstract_state = _replicated_structs(jax.eval_shape(to_state_fn, abstract_variables), mesh)
+  init_fn, to_state_fn = make_state_init(run.spec, t, run.mesh, steps_per_epoch)
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(run.seed))
 
   # ---- restore or initialise; plan the steps ----
-  state, meta, first_batch = _initial_state(
-      config, t.phase, workdir, checkpointer, latest, iterator, init_fn, to_state_fn,
-      abstract_state, abstract_variables, init_key, mesh)
+  state, meta, first_batch = _initial_state(run, init_fn, to_state_fn, init_key)
   start_step = int(jax.device_get(state.step))
-  total, meta = _plan_phase(config, t, workdir, state, start_step, latest, meta, steps_per_epoch)
+  total, meta = _plan_phase(run, state, start_step, meta)
   plan = _Plan(total, steps_per_epoch, t.log_every, t.checkpoint_every_steps,
                t.eval_every_epochs, t.sample_every_epochs)
+  directory = run.checkpointer.directory
   with contextlib.ExitStack() as stack:
-    log = stack.enter_context(MetricsLog(workdir, start_step, is_main, console=tqdm.write))
-    log.event(start_step, *_start_event(workdir, checkpointer.directory, t.phase, latest,
+    log = stack.enter_context(MetricsLog(run.workdir, start_step, is_main, console=tqdm.write))
+    log.event(start_step, *_start_event(run.workdir, directory, t.phase, run.latest,
                                         start_step, total))
     if start_step >= total:
       return state
     # ---- train: after each step, is it time to log / evaluate / sample / save? ----
-    train_step = make_train_step(spec, t, mesh, steps_per_epoch)
-    window = MetricsWindow(t.log_every, t.batch_size, steps_per_epoch, replicated(mesh))
-    local_shape = (t.batch_size // jax.process_count(), *spec.image_shape)
-    started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, latest
+    train_step = make_train_step(run.spec, t, run.mesh, steps_per_epoch)
+    window = MetricsWindow(t.log_every, t.batch_size, steps_per_epoch, replicated(run.mesh))
+    local_shape = (run.batch.local_size, *run.spec.image_shape)
+    started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, run.latest
     previous = None
     stop = stack.enter_context(stop_signals())
     progress = stack.enter_context(tqdm(
         total=total, initial=start_step, disable=not is_main, unit='step',
         dynamic_ncols=True, desc=f'{t.phase} (compiling)'))
-    for batch in _batches(first_batch, iterator, local_shape):
-      state, metrics = train_step(state, global_batch(batch, mesh), train_key)
+    for batch in _batches(first_batch, run.iterator, local_shape):
+      state, metrics = train_step(state, global_batch(batch, run.mesh), train_key)
       window.add(metrics)
       step += 1
       if previous is None:                  # the first call compiled: time from here on
@@ -306,29 +331,28 @@ def _train_loop(config, t: TrainSettings, use_ema: bool, workdir, spec, mesh, ch
         progress.set_postfix(bpd=_fmt(record['train_bpd'], 4),
                              img_s=_fmt(record['img_per_s'], 1), refresh=False)
       if plan.log(step) or hooks:
-        _check_nonfinite(window, step, t.max_nonfinite_in_row, checkpointer.directory)
-      if eval_fn is not None and plan.evaluate(step):
-        last_eval = _evaluate(eval_fn, state, step, step / steps_per_epoch, config,
-                              t.best_metric, use_ema, workdir, meta, log) or last_eval
-      if sample_fn is not None and plan.sample(step):
-        sample_fn(state, step)
+        _check_nonfinite(window, step, t.max_nonfinite_in_row, directory)
+      if run.eval_fn is not None and plan.evaluate(step):
+        last_eval = _evaluate(run, state, step, meta, log) or last_eval
+      if run.sample_fn is not None and plan.sample(step):
+        run.sample_fn(state, step)
       if plan.save(step):
-        _save(checkpointer, step, state, iterator, config, meta)
+        _save(run, step, state, meta)
         saved_step = step
       if hooks:
         window.restart_clock()              # img/s measures training alone
       if stop['signal'] is not None and step < total:
         if saved_step != step:
-          _save(checkpointer, step, state, iterator, config, meta)
-        checkpointer.wait()
-        interrupted = TrainingInterrupted(stop['signal'], step, checkpointer.directory)
+          _save(run, step, state, meta)
+        run.checkpointer.wait()
+        interrupted = TrainingInterrupted(stop['signal'], step, directory)
         log.event(step, 'interrupt', str(interrupted), echo=False)   # main prints it
         raise interrupted
       if step >= total:
         break
-    checkpointer.wait()
+    run.checkpointer.wait()
     log.event(step, 'finish', _finish_message(
-        workdir, checkpointer.directory, step, time.perf_counter() - started, t.best_metric,
+        run.workdir, directory, step, time.perf_counter() - started, t.best_metric,
         last_eval.get(t.best_metric), meta))
   return state
 

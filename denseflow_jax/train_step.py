@@ -34,7 +34,7 @@ import optax
 from denseflow_jax import model as model_lib
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.settings import StepSettings, TrainSettings
-from denseflow_jax.sharding import batch_sharding, check_batch_divisible, replicated
+from denseflow_jax.sharding import batch_sharding, replicated
 
 
 @flax.struct.dataclass
@@ -189,17 +189,17 @@ def make_train_step(spec, settings: TrainSettings, mesh, steps_per_epoch: int):
 
   Args:
     spec: the ModelSpec (``model.spec``).
-    settings: ``TrainSettings.from_config(config)`` (``batch_size`` is checked to divide
-      over the mesh; the step is compiled for ``settings.step_settings(steps_per_epoch)``).
+    settings: the ``TrainSettings`` (the step is compiled for
+      ``settings.step_settings(steps_per_epoch)``).
     mesh: from :func:`make_mesh`.
     steps_per_epoch: for the per-epoch lr decay.
 
-  ``batch`` is the global uint8 batch [B, H, W, C] (from :func:`global_batch`),
+  ``batch`` is the global uint8 batch [B, H, W, C] (from :func:`global_batch`; B divides
+  over the mesh: ``sharding.split_batch`` checks it),
   ``base_key`` the run's training key (step n uses ``fold_in(base_key, n)``). The state
   argument is donated: do not use it after the call. Cached: the same (spec, settings,
   mesh) returns the same compiled function.
   """
-  check_batch_divisible(settings.batch_size, mesh)
   return _compiled_train_step(spec, settings.step_settings(steps_per_epoch), mesh)
 
 
@@ -225,5 +225,4 @@ def make_state_init(spec, settings: TrainSettings, mesh, steps_per_epoch: int):
   """Jitted ``(init, to_state)``: ``init(key, global_batch) -> {'params', 'batch_stats'}``
   (data-dependent ActNorm initialisation) and ``to_state(variables) -> TrainState``, both
   replicated over the mesh. Cached like :func:`make_train_step`."""
-  check_batch_divisible(settings.batch_size, mesh)
   return _compiled_init(spec, settings.step_settings(steps_per_epoch), mesh)

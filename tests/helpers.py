@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from denseflow_jax import train_step
-from denseflow_jax.settings import TrainSettings
+from denseflow_jax import data, train_step
+from denseflow_jax.settings import DataSettings, TrainSettings
+from denseflow_jax.sharding import BatchSplit
+from denseflow_jax.spec import ModelSpec, spec_from_config
 
 TRAIN_BATCH = 16
 
@@ -25,6 +27,11 @@ TINY = {
 # The Glow-coupling variant with uniform dequantization (compiles fastest of all).
 GLOW = {'model.coupling_net': 'glow', 'model.glow_channels': 8,
         'model.dequantization': 'uniform'}
+
+
+def model_spec(**fields) -> ModelSpec:
+  """The ModelSpec of configs/default.py with `fields` changed."""
+  return dataclasses.replace(spec_from_config(default.get_config().model), **fields)
 
 
 def tiny_config(overrides: Optional[Mapping] = None, base: str = 'default'):
@@ -71,3 +78,18 @@ def train_config(npz_path):
       'train.gamma': 0.5, 'train.grad_clip': 1.0, 'train.ema_decay': 0.9,
       'train.log_every': 1, 'train.checkpoint_every_steps': 100, 'train.num_steps': 4,
       'train.eval_every_epochs': 1, 'train.sample_every_epochs': 1})
+
+
+def split_of(config, split):
+  """The split of `config`'s data, checked against its model."""
+  return data.load_split(config.data, split, config.model.image_shape, config.model.num_bits)
+
+
+def train_iterator(config, process_index=0, process_count=1, source=None):
+  """data.make_train_iterator with the arguments a full `config` gives (train.batch_size
+  over `process_count` processes)."""
+  source = split_of(config, 'train') if source is None else source
+  batch = BatchSplit(config.train.batch_size, 'train.batch_size', process_index,
+                     process_count)
+  return data.make_train_iterator(DataSettings.from_config(config), source,
+                                  config.model.image_shape, batch, config.seed)

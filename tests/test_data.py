@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 
 from denseflow_jax import errors
 from denseflow_jax import data
-from helpers import tiny_config
+from denseflow_jax.sharding import BatchSplit
+from helpers import split_of, tiny_config, train_iterator
 
 
 def data_config(dataset='digits', source='', image_shape=(8, 8, 1), num_bits=5,
@@ -23,6 +24,15 @@ def data_config(dataset='digits', source='', image_shape=(8, 8, 1), num_bits=5,
       'data.dataset': dataset, 'data.source': source, 'data.augmentation': augmentation,
       'data.worker_count': worker_count, 'data.prefetch': 2, 'train.batch_size': batch_size,
       'eval.batch_size': eval_batch_size, 'eval.num_examples': -1})
+
+
+def eval_batches(config, split='test', batch_size=None, num_examples=-1, process_index=0,
+                 process_count=1):
+  """data.iterate_eval with the arguments `config` gives."""
+  batch = BatchSplit(batch_size or config.eval.batch_size, 'eval.batch_size', process_index,
+                     process_count)
+  return data.iterate_eval(split_of(config, split), batch, num_examples,
+                           prefetch=config.data.prefetch, split=split)
 
 
 def id_images(n, shape=(4, 4, 1)):
@@ -92,120 +102,18 @@ def test_npz_happy_path(id_npz):
 
 
 
-def test_load_split_takes_the_full_config_or_its_data_section(id_npz):
-  """The full config checks the images against config.model; config.data checks only what
-  the call passes; passed values win over the model's."""
+def test_load_split_checks_what_the_call_asks_for(id_npz):
+  """The image shape and bits passed are checked; None skips that check."""
   config = data_config('npz', id_npz, image_shape=(4, 4, 1), num_bits=8)
-  full = data.load_split(config, 'test')
-  part = data.load_split(config.data, 'test', (4, 4, 1), 8)
+  full = data.load_split(config.data, 'test', (4, 4, 1), 8)
+  part = data.load_split(config.data, 'test')
   assert len(full) == len(part) == 13
   np.testing.assert_array_equal(full[3], part[3])
-  config.model.image_shape = (4, 4, 3)
   with pytest.raises(errors.DataError, match=r'1 channel\(s\) instead of 3'):
-    data.load_split(config, 'test')
-  assert len(data.load_split(config.data, 'test')) == 13
-  assert len(data.load_split(config, 'test', image_shape=(4, 4, 1))) == 13
-  config.model.image_shape, config.model.num_bits = (4, 4, 1), 6   # 'test' holds 100..112
-  with pytest.raises(errors.DataError, match='--config.model.num_bits=7'):
-    data.load_split(config, 'test')
-  assert len(data.load_split(config, 'test', num_bits=8)) == 13
-
-def _save(path, **arrays):
-  np.savez(path, **arrays)
-  return str(path)
-
-
-@pytest.mark.parametrize('arrays,image_shape,num_bits,expected', [
-    ({'train': np.zeros((2, 4, 4, 1), np.uint8)}, (4, 4, 1), 8,
-     r"no key 'test'.*expected keys 'train' and 'test'"),
-    ({'train': np.zeros((2, 4, 4, 1), np.float32),
-      'test': np.full((2, 4, 4, 1), 0.75, np.float32)}, (4, 4, 1), 8,
-     r'dtype float32 \(values 0.75 .. 0.75\), expected uint8.*np.round\(x \* 255\).* for data '
-     r'in 0..1'),
-    ({'train': np.zeros((2, 4, 4), np.uint8),
-      'test': np.zeros((2, 4, 4), np.uint8)}, (4, 4, 1), 8,
-     r'rank 3 .*x\[\.\.\., None\]'),
-    ({'train': np.zeros((2, 4, 4, 3), np.uint8),
-      'test': np.zeros((2, 4, 4, 3), np.uint8)}, (4, 4, 1), 8,
-     r'3 channel\(s\) instead of 1.*config\.model\.image_shape'),
-    ({'train': np.zeros((2, 5, 4, 1), np.uint8),
-      'test': np.zeros((2, 5, 4, 1), np.uint8)}, (4, 4, 1), 8,
-     r'height x width 5x4 instead of 4x4.*config\.model\.image_shape'),
-    ({'train': np.full((2, 4, 4, 1), 40, np.uint8),
-      'test': np.full((2, 4, 4, 1), 40, np.uint8)}, (4, 4, 1), 5,
-     r'values up to 40.*--config\.model\.num_bits=6'),
-    ({'train': np.zeros((0, 4, 4, 1), np.uint8),
-      'test': np.zeros((0, 4, 4, 1), np.uint8)}, (4, 4, 1), 8,
-     'holds no images'),
-])
-def test_npz_errors(tmp_path, arrays, image_shape, num_bits, expected):
-  path = _save(tmp_path / 'bad.npz', **arrays)
-  config = data_config('npz', path)
-  with pytest.raises(errors.DataError, match=expected):
-    data.load_split(config.data, 'test', image_shape, num_bits)
-
-
-def test_npz_missing_file_and_missing_source(tmp_path):
-  config = data_config('npz', str(tmp_path / 'nope.npz'))
-  with pytest.raises(errors.DataError, match='does not exist.*data.source'):
-    data.load_split(config.data, 'train')
-  with pytest.raises(errors.DataError, match='needs data.source'):
-    data.load_split(data_config('npz', '').data, 'train')
-
-
-# ---- folder ----------------------------------------------------------------
-
-
-def _write_pngs(folder, images):
-  folder.mkdir(parents=True, exist_ok=True)
-  for i, image in enumerate(images):
-    Image.fromarray(image).save(folder / f'img_{i:03d}.png')
-
-
-def test_folder_happy_path_rgb_and_grey(tmp_path):
-  rng = np.random.default_rng(0)
-  train = rng.integers(0, 256, (3, 6, 5, 3), dtype=np.uint8)
-  test = rng.integers(0, 256, (2, 6, 5, 3), dtype=np.uint8)
-  _write_pngs(tmp_path / 'train', train)
-  _write_pngs(tmp_path / 'test' / 'class_a', test)    # nested folders too
-  (tmp_path / 'train' / 'README.txt').write_text('not an image')
-  config = data_config('folder', str(tmp_path))
-  src = data.load_split(config.data, 'train', (6, 5, 3))
-  assert len(src) == 3
-  np.testing.assert_array_equal(np.stack([src[i] for i in range(3)]), train)
-  src = data.load_split(config.data, 'test', (6, 5, 3))
-  np.testing.assert_array_equal(np.stack([src[i] for i in range(2)]), test)
-  grey = data.load_split(config.data, 'train', (6, 5, 1))
-  expected = np.asarray(Image.fromarray(train[1]).convert('L'))[:, :, None]
-  assert grey[1].shape == (6, 5, 1)
-  np.testing.assert_array_equal(grey[1], expected)
-  with pytest.raises(errors.DataError, match='config.model.image_shape'):
-    data.load_split(config.data, 'train', (5, 5, 3))
-
-
-def test_folder_unreadable_file_and_mixed_sizes(tmp_path):
-  _write_pngs(tmp_path / 'a' / 'train', np.zeros((2, 6, 6, 3), np.uint8))
-  (tmp_path / 'a' / 'train' / 'broken.png').write_bytes(b'not a png at all')
-  with pytest.raises(errors.DataError, match='broken.png'):
-    data.load_split(data_config('folder', str(tmp_path / 'a')).data, 'train')
-
-  _write_pngs(tmp_path / 'b' / 'train', np.zeros((2, 6, 6, 3), np.uint8))
-  Image.fromarray(np.zeros((7, 6, 3), np.uint8)).save(
-      tmp_path / 'b' / 'train' / 'odd.png')
-  with pytest.raises(errors.DataError, match=r'odd.png is 7x6.*same size'):
-    data.load_split(data_config('folder', str(tmp_path / 'b')).data, 'train')
-
-  with pytest.raises(errors.DataError, match='no test/ sub-folder'):
-    data.load_split(data_config('folder', str(tmp_path / 'b')).data, 'test')
-
-
-def test_folder_truncated_file_fails_on_read_naming_it(tmp_path):
-  _write_pngs(tmp_path / 'train', np.full((1, 16, 16, 3), 7, np.uint8))
-  path = tmp_path / 'train' / 'img_000.png'
-  path.write_bytes(path.read_bytes()[:60])     # header intact, data cut
-  src = data.load_split(data_config('folder', str(tmp_path)).data, 'train')
-  with pytest.raises(errors.DataError, match='img_000.png'):
-    src[0]
+    data.load_split(config.data, 'test', (4, 4, 3))
+  assert len(data.load_split(config.data, 'test', num_bits=8)) == 13
+  with pytest.raises(errors.DataError, match='--config.model.num_bits=7'):   # 100..112
+    data.load_split(config.data, 'test', (4, 4, 1), 6)
 
 
 # ---- TFDS ------------------------------------------------------------------
@@ -218,9 +126,9 @@ def test_tfds_cifar10_with_mock_data():
     train = data.load_split(config.data, 'train', (32, 32, 3))
     assert len(train) == 10
     assert train[3].shape == (32, 32, 3) and train[3].dtype == np.uint8
-    batch = next(data.make_train_iterator(config))
+    batch = next(train_iterator(config))
     assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.uint8
-    masks = [mask for _, mask in data.iterate_eval(config)]
+    masks = [mask for _, mask in eval_batches(config)]
     assert [m.sum() for m in masks] == [4, 4, 2]
     with pytest.raises(errors.DataError, match='config.model.image_shape'):
       data.load_split(config.data, 'train', (64, 64, 3))
@@ -331,18 +239,18 @@ def test_eta_params_follow_the_official_ranges():
 def test_augment_is_deterministic_and_changes_images():
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
   for kind in data.AUGMENTATIONS:
-    out = data.augment(image, kind, (5, 7))
+    out = data.augment_image(image, kind, (5, 7))
     assert out.shape == image.shape and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, data.augment(image, kind, (5, 7)))
-  changed = [not np.array_equal(data.augment(image, 'eta', s), image)
+    np.testing.assert_array_equal(out, data.augment_image(image, kind, (5, 7)))
+  changed = [not np.array_equal(data.augment_image(image, 'eta', s), image)
              for s in range(20)]
   assert 10 < sum(changed) < 20        # most seeds move the image, not all
-  flips = [np.array_equal(data.augment(image, 'horizontal_flip', s),
+  flips = [np.array_equal(data.augment_image(image, 'horizontal_flip', s),
                           image[:, ::-1]) for s in range(40)]
   assert 5 < sum(flips) < 35
-  np.testing.assert_array_equal(data.augment(image, 'none', 3), image)
+  np.testing.assert_array_equal(data.augment_image(image, 'none', 3), image)
   with pytest.raises(errors.DataError, match='augmentation'):
-    data.augment(image, 'rotate', 0)
+    data.augment_image(image, 'rotate', 0)
 
 
 # ---- training stream -------------------------------------------------------
@@ -351,8 +259,8 @@ def test_augment_is_deterministic_and_changes_images():
 def test_train_iterator_is_deterministic_and_resumes_exactly():
   config = data_config(batch_size=64, augmentation='eta')   # 23 steps/epoch
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
-  first = data.make_train_iterator(config, source=source)
-  second = data.make_train_iterator(config, source=source)
+  first = train_iterator(config, source=source)
+  second = train_iterator(config, source=source)
   head = [next(first) for _ in range(5)]
   for a in head:
     b = next(second)
@@ -361,21 +269,21 @@ def test_train_iterator_is_deterministic_and_resumes_exactly():
   state = json.loads(json.dumps(first.get_state()))          # via JSON
   assert data.state_from_json(data.state_to_json(state)) == state
   reference = [next(first) for _ in range(25)]               # crosses epoch 1
-  resumed = data.make_train_iterator(config, source=source)
+  resumed = train_iterator(config, source=source)
   resumed.set_state(state)
   assert resumed.step == 5
   for a in reference:
     np.testing.assert_array_equal(a, next(resumed))
   assert resumed.step == 30 and resumed.epoch == 1
-  other_seed = data.make_train_iterator(data_config(
+  other_seed = train_iterator(data_config(
       batch_size=64, augmentation='eta', seed=1), source=source)
   assert not np.array_equal(next(other_seed), head[0])
 
 
 def test_each_epoch_is_a_new_permutation_without_repeats(id_npz):
   config = data_config('npz', id_npz, (4, 4, 1), 8, batch_size=8)
-  iterator = data.make_train_iterator(config)
-  steps = data.steps_per_epoch(config)
+  iterator = train_iterator(config)
+  steps = data.steps_per_epoch(50, 8)
   assert steps == iterator.steps_per_epoch == 50 // 8
   epochs = [np.concatenate([ids(next(iterator)) for _ in range(steps)])
             for _ in range(3)]
@@ -389,8 +297,8 @@ def test_each_epoch_is_a_new_permutation_without_repeats(id_npz):
 def test_processes_get_disjoint_rows_of_the_same_global_batches():
   config = data_config(batch_size=32, augmentation='eta')
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
-  single = data.make_train_iterator(config, source=source)
-  procs = [data.make_train_iterator(config, p, 2, source=source)
+  single = train_iterator(config, source=source)
+  procs = [train_iterator(config, p, 2, source=source)
            for p in range(2)]
   for _ in range(50):                           # > 1 epoch (46 steps)
     parts = [next(it) for it in procs]
@@ -400,7 +308,7 @@ def test_processes_get_disjoint_rows_of_the_same_global_batches():
 
 def test_process_shards_are_disjoint_examples(id_npz):
   config = data_config('npz', id_npz, (4, 4, 1), 8, batch_size=8)
-  procs = [data.make_train_iterator(config, p, 2) for p in range(2)]
+  procs = [train_iterator(config, p, 2) for p in range(2)]
   seen = [np.concatenate([ids(next(it)) for _ in range(6)]) for it in procs]
   assert not set(seen[0].tolist()) & set(seen[1].tolist())
   assert len(seen[0]) == len(seen[1]) == 24
@@ -409,21 +317,21 @@ def test_process_shards_are_disjoint_examples(id_npz):
 def test_resume_with_other_process_count_and_mismatched_settings():
   config = data_config(batch_size=32)
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
-  single = data.make_train_iterator(config, source=source)
+  single = train_iterator(config, source=source)
   for _ in range(3):
     next(single)
   state = single.get_state()
-  half = data.make_train_iterator(config, 1, 2, source=source)
+  half = train_iterator(config, 1, 2, source=source)
   half.set_state(state)
   np.testing.assert_array_equal(next(half), next(single)[16:])
 
-  bigger = data.make_train_iterator(data_config(batch_size=64), source=source)
+  bigger = train_iterator(data_config(batch_size=64), source=source)
   with pytest.raises(errors.DataError, match='global_batch'):
     bigger.set_state(state)
   with pytest.raises(errors.DataError, match='format'):
     bigger.set_state({'next_index': 3})
   # A new layout is applied by step count only without grain workers.
-  workers = data.make_train_iterator(data_config(batch_size=32,
+  workers = train_iterator(data_config(batch_size=32,
                                                  worker_count=1), 1, 2,
                                      source=source)
   with pytest.raises(errors.DataError, match='worker_count=0'):
@@ -437,17 +345,17 @@ def test_resume_with_other_process_count_and_mismatched_settings():
 def test_grain_workers_give_the_same_batches_and_resume():
   config = data_config(batch_size=32, augmentation='eta')
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
-  reference = data.make_train_iterator(config, source=source)
+  reference = train_iterator(config, source=source)
   expected = [next(reference) for _ in range(6)]
   workers = data_config(batch_size=32, augmentation='eta', worker_count=2)
-  first = data.make_train_iterator(workers, source=source)
+  first = train_iterator(workers, source=source)
   got = [next(first) for _ in range(2)]
   state = data.state_from_json(data.state_to_json(first.get_state()))
   got += [next(first) for _ in range(4)]
   first.close()
   for a, b in zip(expected, got):
     np.testing.assert_array_equal(a, b)
-  resumed = data.make_train_iterator(workers, source=source)
+  resumed = train_iterator(workers, source=source)
   resumed.set_state(state)
   for a in expected[2:]:
     np.testing.assert_array_equal(a, next(resumed))
@@ -456,13 +364,11 @@ def test_grain_workers_give_the_same_batches_and_resume():
 
 def test_batch_size_checks():
   config = data_config(batch_size=30)
-  with pytest.raises(errors.DataError, match='multiple of 4'):
-    data.make_train_iterator(config, 0, 4)
-  with pytest.raises(errors.DataError, match='multiple of 4'):
-    data.steps_per_epoch(config, process_count=4)
-  assert data.steps_per_epoch(config) == 1500 // 30
+  with pytest.raises(errors.ConfigError, match='multiple of 4'):
+    train_iterator(config, 0, 4)
+  assert data.steps_per_epoch(1500, 30) == 1500 // 30
   with pytest.raises(errors.DataError, match='fewer than one global batch'):
-    data.steps_per_epoch(data_config(batch_size=2048))
+    train_iterator(data_config(batch_size=2048))
 
 
 # ---- evaluation ------------------------------------------------------------
@@ -470,8 +376,8 @@ def test_batch_size_checks():
 
 def test_eval_covers_each_example_once_in_order(id_npz):
   config = data_config('npz', id_npz, (4, 4, 1), 8)
-  batches = list(data.iterate_eval(config, 'train', batch_size=8))
-  assert len(batches) == data.eval_num_batches(config, 'train', 8) == 7
+  batches = list(eval_batches(config, 'train', batch_size=8))
+  assert len(batches) == data.eval_num_batches(split_of(config, 'train'), 8) == 7
   for images, mask in batches:
     assert images.shape == (8, 4, 4, 1) and mask.shape == (8,)
     assert mask.dtype == bool
@@ -480,17 +386,17 @@ def test_eval_covers_each_example_once_in_order(id_npz):
   np.testing.assert_array_equal(valid, np.arange(50))
   assert (batches[-1][0][2:] == 0).all()
 
-  first = list(data.iterate_eval(config, 'test', batch_size=4, num_examples=6))
+  first = list(eval_batches(config, 'test', batch_size=4, num_examples=6))
   assert np.concatenate([ids(x)[m] for x, m in first]).tolist() == list(
       range(100, 106))
   with pytest.raises(errors.DataError, match='num_examples'):
-    data.iterate_eval(config, 'test', batch_size=4, num_examples=14)
+    eval_batches(config, 'test', batch_size=4, num_examples=14)
 
 
 def test_eval_over_two_processes(id_npz):
   config = data_config('npz', id_npz, (4, 4, 1), 8)
-  single = list(data.iterate_eval(config, 'train', batch_size=8))
-  parts = [list(data.iterate_eval(config, 'train', batch_size=8,
+  single = list(eval_batches(config, 'train', batch_size=8))
+  parts = [list(eval_batches(config, 'train', batch_size=8,
                                   process_index=p, process_count=2))
            for p in range(2)]
   assert len(parts[0]) == len(parts[1]) == len(single)

@@ -11,13 +11,12 @@ from PIL import Image
 import pytest
 from scipy.special import logsumexp
 
-from denseflow_jax import data, evaluate, files
+from denseflow_jax import data, evaluate, files, outputs, sampling
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise, init_variables, make_model
 from denseflow_jax.settings import EvalSettings
-from denseflow_jax.spec import ModelSpec
-from helpers import tiny_config
+from helpers import model_spec, split_of, tiny_config
 
-SPEC = ModelSpec(image_shape=(8, 8, 1), num_bits=5, block_config=(2,), layers_config=(1,),
+SPEC = model_spec(image_shape=(8, 8, 1), num_bits=5, block_config=(2,), layers_config=(1,),
                  mid_channels=(8,), growth_rate=2, coupling_net='glow', glow_channels=8,
                  dequantization='uniform')
 BATCH = 8
@@ -82,8 +81,9 @@ def test_evaluate_dataset_excludes_padded_rows():
   expected = bits_per_dim(-images.reshape(297, -1).sum(-1).mean(), SPEC)
   for k in (1, 3):
     settings = dataclasses.replace(EvalSettings.from_config(config), k=k)
-    result = evaluate.evaluate_dataset(make_model(SPEC), None, config, jax.random.key(0),
-                                       settings, log_prob_fn=log_prob_fn, progress=False)
+    result = evaluate.evaluate_dataset(make_model(SPEC), None, split_of(config, 'test'),
+                                       jax.random.key(0), settings, log_prob_fn=log_prob_fn,
+                                       progress=False)
     assert result['num_examples'] == 297 and result['num_batches'] == 5
     assert result['num_nonfinite'] == 0
     np.testing.assert_allclose(result['elbo_bpd'], expected, rtol=1e-6)
@@ -143,8 +143,8 @@ def test_evaluate_dataset_with_the_model(tiny):
   model, variables, _, _ = tiny
   config = eval_config(batch_size=BATCH, k=2, k_chunk=2)
   settings = dataclasses.replace(EvalSettings.from_config(config), num_examples=20)
-  result = evaluate.evaluate_dataset(model, variables, config, jax.random.key(5), settings,
-                                     progress=False)
+  result = evaluate.evaluate_dataset(model, variables, split_of(config, 'test'),
+                                     jax.random.key(5), settings, progress=False)
   assert (result['num_examples'], result['num_batches'], result['k']) == (20, 3, 2)
   assert result['num_nonfinite'] == 0
   assert 0 < result['iwbo_bpd'] <= result['elbo_bpd'] < 2 * SPEC.num_bits
@@ -160,7 +160,7 @@ def test_samples_are_deterministic_in_range_and_batch_size_free(tiny):
   model, variables, _, _ = tiny
   key = jax.random.key(8)
   def draw(num, key=key, batch_size=4):
-    return evaluate.sample_images(model, variables, key, num, 1.0, batch_size)
+    return sampling.sample_images(model, variables, key, num, 1.0, batch_size)
   images = draw(10)
   assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
   assert images.max() <= 2 ** SPEC.num_bits - 1
@@ -168,20 +168,20 @@ def test_samples_are_deterministic_in_range_and_batch_size_free(tiny):
   np.testing.assert_array_equal(draw(10), images)
   np.testing.assert_array_equal(draw(3), images[:3])   # batch of 3: another compile
   assert not np.array_equal(draw(10, key=jax.random.key(9)), images)
-  cold = evaluate.sample_images(model, variables, key, 4, 0.0, batch_size=4)
+  cold = sampling.sample_images(model, variables, key, 4, 0.0, batch_size=4)
   assert all(np.array_equal(cold[0], c) for c in cold)   # temperature 0: every draw is the mode
 
 
-def test_temperature_sweep_grid(tiny, tmp_path):
+def test_temperature_sweep_and_its_grid(tiny, tmp_path):
   model, variables, _, _ = tiny
   key = jax.random.key(8)
   path = tmp_path / 'sweep.png'
-  images = evaluate.temperature_sweep_grid(model, variables, key, path,
-                                           temperatures=(0.0, 0.5, 1.0), num_per_row=4,
-                                           batch_size=4)
+  images = sampling.temperature_sweep(model, variables, key, temperatures=(0.0, 0.5, 1.0),
+                                      num_per_row=4, batch_size=4)
+  outputs.save_sample_grid(path, images, SPEC.num_bits, ncols=4)
   assert images.shape == (12, 8, 8, 1)
   assert all(np.array_equal(images[0], image) for image in images[:4])
-  hot = evaluate.sample_images(model, variables, key, 4, 1.0, batch_size=4)
+  hot = sampling.sample_images(model, variables, key, 4, 1.0, batch_size=4)
   np.testing.assert_array_equal(images[8:], hot)
   assert Image.open(path).size == (14 * (4 * 9 + 1), 14 * (3 * 9 + 1))   # 37 px, enlarged 14x
 
@@ -190,17 +190,17 @@ def test_temperature_sweep_grid(tiny, tmp_path):
 
 def test_write_eval_json_round_trip(tmp_path):
   result = {'elbo_bpd': np.float32(3.5), 'k': np.int64(1000), 'n': jnp.asarray(2), 'split': 'test'}
-  path = evaluate.write_eval_json(tmp_path / 'run', result, name='test')
+  path = outputs.write_eval_json(tmp_path / 'run', result, name='test')
   assert path == os.path.join(tmp_path / 'run', 'eval_test.json')
   assert json.load(open(path)) == {'elbo_bpd': 3.5, 'k': 1000, 'n': 2, 'split': 'test'}
   assert os.listdir(tmp_path / 'run') == ['eval_test.json']
 
 
 def test_failed_writes_keep_the_old_result(tmp_path, monkeypatch):
-  path = evaluate.write_eval_json(tmp_path, {'elbo_bpd': 3.0})
+  path = outputs.write_eval_json(tmp_path, {'elbo_bpd': 3.0})
   old = open(path).read()
   with pytest.raises(TypeError):
-    evaluate.write_eval_json(tmp_path, {'elbo_bpd': object()})
+    outputs.write_eval_json(tmp_path, {'elbo_bpd': object()})
   def broken_writer(f):
     f.write(b'{"elbo_bp')
     raise OSError('disk full')
@@ -210,14 +210,14 @@ def test_failed_writes_keep_the_old_result(tmp_path, monkeypatch):
     raise OSError('replace failed')
   monkeypatch.setattr(os, 'replace', failing_replace)
   with pytest.raises(OSError, match='replace failed'):
-    evaluate.write_eval_json(tmp_path, {'elbo_bpd': 2.0})
+    outputs.write_eval_json(tmp_path, {'elbo_bpd': 2.0})
   assert open(path).read() == old
   assert os.listdir(tmp_path) == ['eval_eval.json']   # no temporary files left
 
 
 def test_save_samples_npz(tmp_path):
   images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
-  evaluate.save_samples_npz(tmp_path / 's.npz', images, 0.7, 12.5)
+  outputs.save_samples_npz(tmp_path / 's.npz', images, 0.7, 12.5)
   with np.load(tmp_path / 's.npz') as f:
     np.testing.assert_array_equal(f['images'], images)
     assert float(f['temperature']) == 0.7 and float(f['seconds']) == 12.5
@@ -231,7 +231,7 @@ def test_sample_grid_layout(tmp_path, channels, num_bits):
   images = np.broadcast_to(values[:, None, None, None], (n, h, w, channels)).astype(np.uint8).copy()
   images[:, 0, 0, :] = top // 2   # a marker in each image's top-left pixel
   path = tmp_path / 'grid.png'
-  evaluate.save_sample_grid(path, images, num_bits=num_bits, min_width=1)
+  outputs.save_sample_grid(path, images, num_bits=num_bits, min_width=1)
   picture = Image.open(path)
   assert picture.mode == ('L' if channels == 1 else 'RGB')
   assert picture.size == (3 * (w + 1) + 1, 2 * (h + 1) + 1)   # 3 columns, 2 rows, 1-pixel padding
@@ -252,12 +252,12 @@ def test_small_grids_are_enlarged_by_a_whole_factor(tmp_path):
   19x19 block of the same value."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 17, (9, 8, 8, 1)).astype(np.uint8)
-  small = evaluate.make_grid(images, num_bits=5)
-  written = evaluate.save_sample_grid(tmp_path / 'g.png', images, num_bits=5)
+  small = outputs.make_grid(images, num_bits=5)
+  written = outputs.save_sample_grid(tmp_path / 'g.png', images, num_bits=5)
   picture = np.asarray(Image.open(tmp_path / 'g.png'))
   assert small.shape[:2] == (28, 28) and picture.shape == (28 * 19, 28 * 19)
   np.testing.assert_array_equal(picture, written[:, :, 0])
   np.testing.assert_array_equal(picture[::19, ::19], small[:, :, 0])
   np.testing.assert_array_equal(picture[18::19, 18::19], small[:, :, 0])
   wide = rng.integers(0, 256, (4, 300, 300, 3)).astype(np.uint8)   # 603 px: left as it is
-  assert evaluate.save_sample_grid(tmp_path / 'w.png', wide).shape == (603, 603, 3)
+  assert outputs.save_sample_grid(tmp_path / 'w.png', wide).shape == (603, 603, 3)

@@ -16,10 +16,10 @@ import pytest
 import scipy.linalg
 
 from denseflow_jax import errors
-from denseflow_jax import data, evaluate, fid, inception, modes
+from denseflow_jax import data, fid, inception, modes, sampling
 from denseflow_jax.model import init_variables, make_model
 from denseflow_jax.errors import ConfigError
-from denseflow_jax.settings import FidSettings
+from denseflow_jax.settings import DataSettings, FidSettings
 from helpers import GLOW
 
 
@@ -327,17 +327,18 @@ def test_run_fid_end_to_end_on_a_tiny_model(make_config, tmp_path, capsys):
   workdir = tmp_path / 'run'
 
   loaded = {'checkpoint': 'ckpt', 'which': 'best', 'step': 7, 'parameters': 'raw'}
-  load_model = lambda config, workdir: (model, variables, loaded)   # noqa: E731
+  load_model = lambda: (model, variables, loaded)   # noqa: E731
   settings = FidSettings.from_config(config)
-  result = fid.run_fid(config, settings, workdir, load_model, feature_fn=row_features,
-                       progress=False)
+  data_settings = DataSettings.from_config(config)
+  result = fid.run_fid(settings, data_settings, config.seed, workdir, load_model,
+                       feature_fn=row_features, progress=False)
   first = workdir / 'fid_T0.8_n21_best_raw.json'      # named after what was loaded
   written = json.loads(first.read_text())
   assert written['fid'] == pytest.approx(result['fid'])
   assert written['num_samples'] == 21 and written['temperature'] == 0.8
   assert {k: written[k] for k in loaded} == loaded and written['seconds'] > 0
 
-  samples = evaluate.sample_images(model, variables, jax.random.PRNGKey(config.seed), 21, 0.8, 8)
+  samples = sampling.sample_images(model, variables, jax.random.PRNGKey(config.seed), 21, 0.8, 8)
   to_255 = lambda images: np.round(np.asarray(images, np.float64) * 255 / 31)
   fs = row_features(to_255(samples))
   for split, size in [('train', 1500), ('test', 297)]:
@@ -350,8 +351,8 @@ def test_run_fid_end_to_end_on_a_tiny_model(make_config, tmp_path, capsys):
     assert not result['reference'][split]['cache_hit']
 
   capsys.readouterr()
-  again = fid.run_fid(config, settings, workdir, load_model, feature_fn=row_features,
-                      progress=False)
+  again = fid.run_fid(settings, data_settings, config.seed, workdir, load_model,
+                      feature_fn=row_features, progress=False)
   out = capsys.readouterr().out
   assert out.count('cache hit') == 2
   assert all(again['reference'][s]['cache_hit'] for s in ('train', 'test'))

@@ -22,7 +22,7 @@ from denseflow_jax import model as model_lib
 from denseflow_jax.convert import flax_location
 from denseflow_jax.flows.squeeze import squeeze
 from denseflow_jax.model import DenseFlow
-from denseflow_jax.spec import ModelSpec
+from helpers import model_spec
 
 SEEDS = (0, 1, 2, 3)
 
@@ -33,7 +33,7 @@ def official(init_stats_dir):
   x = np.load(init_stats_dir / 'first_batch.npz')['x_nhwc']
   cfg = info['config']
   c, h, w = cfg['data_shape']
-  spec = ModelSpec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
+  spec = model_spec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
                    layers_config=tuple(cfg['layers_config']),
                    mid_channels=tuple(cfg['layer_mid_chnls']), growth_rate=cfg['growth_rate'],
                    scan_unroll=1)   # a rolled scan: the same values, a far shorter compile

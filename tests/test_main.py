@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from denseflow_jax import evaluate, loading, metrics_log, modes
+from denseflow_jax import loading, metrics_log, modes, sampling
 from helpers import GLOW, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def run_all_modes(config, workdir, capsys=None):
   # One way to sample: the library call with the same seed gives the same images, whatever
   # its batch size (image n uses fold_in(key, n)).
   model, variables, _ = loading.load_model(config, str(workdir), config.eval.use_ema)
-  library = evaluate.sample_images(model, variables, jax.random.PRNGKey(config.seed), 4,
+  library = sampling.sample_images(model, variables, jax.random.PRNGKey(config.seed), 4,
                                    config.sample.temperature, batch_size=3)
   np.testing.assert_array_equal(images, library)
   modes.run('sample', config, str(workdir))      # again: numbered, the first grid is kept

@@ -15,7 +15,8 @@ from denseflow_jax import modes
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.flows.dequantization import dequantization_inverse
-from denseflow_jax.spec import ModelSpec, spec_from_config
+from denseflow_jax.spec import spec_from_config
+from helpers import model_spec
 
 
 def _summary_total(capsys, config_name, **model_overrides):
@@ -35,7 +36,7 @@ def test_summary_64x64_inputs_give_the_same_count(capsys):
   assert _summary_total(capsys, 'imagenet64') == 130_647_294
 
 
-TINY = ModelSpec(image_shape=(8, 8, 3), block_config=(2, 1), layers_config=(1, 1),
+TINY = model_spec(image_shape=(8, 8, 3), block_config=(2, 1), layers_config=(1, 1),
                  mid_channels=(8, 8), growth_rate=2)
 
 
@@ -92,7 +93,7 @@ def test_initialising_pass_log_prob_equals_a_training_pass_with_its_variables():
     ({'grwoth_rate': 10}, "unknown model config keys \\['grwoth_rate'\\]"),
 ])
 def test_bad_model_config_is_refused_before_anything_runs(overrides, message):
-  config = dict(ModelSpec().__dict__)
+  config = dict(model_spec().__dict__)
   config.update(overrides)
   with pytest.raises(ConfigError, match=message):
     spec_from_config(config)

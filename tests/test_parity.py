@@ -14,7 +14,7 @@ from denseflow_jax.errors import ConvertError
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.nets.coupling_net import DenseAttentionNet
-from denseflow_jax.spec import ModelSpec
+from helpers import model_spec
 
 
 def nhwc(a):
@@ -26,7 +26,7 @@ def reference(reference_dir):
   meta = json.loads((reference_dir / 'meta.json').read_text())
   cfg = meta['config']
   c, h, w = cfg['data_shape']
-  spec = ModelSpec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
+  spec = model_spec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
                    layers_config=tuple(cfg['layers_config']),
                    mid_channels=tuple(cfg['layer_mid_chnls']), growth_rate=cfg['growth_rate'])
   state_dict = dict(np.load(reference_dir / 'state_dict.npz'))
@@ -109,7 +109,7 @@ def test_converter_names_missing_extra_and_misshaped_keys(reference):
 
 def test_converter_rejects_a_config_that_does_not_match(reference):
   spec, state_dict, _, _, _ = reference
-  wrong = ModelSpec(**{**spec.__dict__, 'growth_rate': spec.growth_rate + 2})
+  wrong = model_spec(**{**spec.__dict__, 'growth_rate': spec.growth_rate + 2})
   with pytest.raises(ConvertError, match='growth_rate'):
     convert_state_dict(state_dict, wrong)
 

@@ -8,11 +8,11 @@ import pytest
 
 from denseflow_jax import model as model_lib
 from denseflow_jax.model import DenseFlow
-from denseflow_jax.spec import ModelSpec
+from helpers import model_spec
 
 # One block with uniform dequantization keeps compiling cheap; it still has the dense +
 # attention coupling networks, cross-unit coupling and every flow layer.
-SPEC = ModelSpec(image_shape=(8, 8, 3), block_config=(2,), layers_config=(1,), mid_channels=(8,),
+SPEC = model_spec(image_shape=(8, 8, 3), block_config=(2,), layers_config=(1,), mid_channels=(8,),
                  growth_rate=2, dequantization='uniform')
 
 

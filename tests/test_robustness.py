@@ -22,7 +22,6 @@ import pytest
 from sklearn.datasets import load_digits
 
 from denseflow_jax import checkpoint as ckpt_lib
-from denseflow_jax import data as data_lib
 from denseflow_jax import errors
 from denseflow_jax import sharding
 from denseflow_jax import metrics_log
@@ -30,7 +29,7 @@ from denseflow_jax import train
 from denseflow_jax import train_step
 from denseflow_jax.settings import TrainSettings
 from denseflow_jax.spec import spec_from_config
-from helpers import train_config
+from helpers import train_config, train_iterator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 12
@@ -204,9 +203,10 @@ def test_nonfinite_steps_are_logged_and_never_checkpointed(tmp_path):
   config = train_config(str(tmp_path / 'digits.npz'))   # test_train's model: compiled once
   spec = spec_from_config(config.model)
   mesh = sharding.make_mesh()
+  iterator = train_iterator(config)
   init, _ = train_step.make_state_init(spec, TrainSettings.from_config(config), mesh,
-                                  data_lib.steps_per_epoch(config))
-  batch = next(data_lib.make_train_iterator(config))
+                                       iterator.steps_per_epoch)
+  batch = next(iterator)
   variables = jax.tree.map(np.array, jax.device_get(
       init(jax.random.PRNGKey(0), sharding.global_batch(batch, mesh))))
   variables['params']['prior']['log_scale'][:] = np.nan

@@ -17,7 +17,6 @@ from sklearn.datasets import load_digits
 from configs import default
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
-from denseflow_jax import data as data_lib
 from denseflow_jax import metrics_log
 from denseflow_jax import modes
 from denseflow_jax import sharding
@@ -25,7 +24,7 @@ from denseflow_jax import train
 from denseflow_jax import train_step
 from denseflow_jax.data import sources as data_sources
 from denseflow_jax.settings import StepSettings, TrainSettings
-from helpers import TRAIN_BATCH, train_config
+from helpers import TRAIN_BATCH, train_config, train_iterator
 from denseflow_jax.model import DenseFlow, draw_noise
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.spec import spec_from_config
@@ -52,11 +51,11 @@ def compiled(digits_npz):
   """Initial variables, both meshes and their (cached) train steps."""
   c = train_config(digits_npz)
   spec = spec_from_config(c.model)
-  spe = data_lib.steps_per_epoch(c)
+  iterator = train_iterator(c)
+  spe = iterator.steps_per_epoch
   mesh8 = sharding.make_mesh()
   mesh1 = sharding.make_mesh(jax.devices()[:1])
   assert mesh8.size == 8
-  iterator = data_lib.make_train_iterator(c)
   batches = [next(iterator) for _ in range(2)]
   settings = TrainSettings.from_config(c)
   init, to_state = train_step.make_state_init(spec, settings, mesh8, spe)
@@ -121,8 +120,7 @@ def test_settings_from_default_config():
 def test_batch_not_divisible_over_devices(config, tmp_path):
   config.train.batch_size = 12
   with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
-    train_step.make_train_step(spec_from_config(config.model), TrainSettings.from_config(config),
-                          sharding.make_mesh(), 3)
+    sharding.split_batch(config.train.batch_size, 'train.batch_size', sharding.make_mesh())
   with pytest.raises(ConfigError, match=r'train\.batch_size = 12.*8 devices'):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'run').exists()
@@ -316,7 +314,7 @@ def test_periodic_evaluation_loads_the_test_split_once(config, tmp_path, compile
   monkeypatch.setattr(data_sources, '_load_npz', counting_load_npz)
   config.train.sample_every_epochs = 100     # no sampling: only the evaluations matter here
   config.eval.batch_size = BATCH
-  modes.train(config, str(tmp_path / 'run'))
+  modes.run('train', config, str(tmp_path / 'run'))
   evals = [r['step'] for r in metrics_log.read_metrics(tmp_path / 'run') if 'test_bpd' in r]
   assert evals == [3, 4]
   assert loads.count('test') == 1, loads
@@ -363,5 +361,5 @@ def test_digits_config_is_valid():
   c = digits.get_config()
   spec_from_config(c.model)
   TrainSettings.from_config(c)
-  sharding.check_batch_divisible(c.train.batch_size, sharding.make_mesh())
-  assert data_lib.steps_per_epoch(c) == 23
+  sharding.split_batch(c.train.batch_size, 'train.batch_size', sharding.make_mesh())
+  assert train_iterator(c).steps_per_epoch == 23

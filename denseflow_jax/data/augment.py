@@ -69,7 +69,7 @@ def eta_transform(image: np.ndarray, flip: bool = False, dy: int = 0,
   return np.ascontiguousarray(canvas[top:top + height, left:left + width])
 
 
-def augment(image: np.ndarray, augmentation: str, seed) -> np.ndarray:
+def augment_image(image: np.ndarray, augmentation: str, seed) -> np.ndarray:
   """Applies a random augmentation, deterministic given ``seed``.
 
   Args:

@@ -10,52 +10,44 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from denseflow_jax.data.sources import load_split
-from denseflow_jax.data.train_stream import local_batch_size, read_options
+from denseflow_jax.data.read_options import read_options
 from denseflow_jax.errors import DataError
-from denseflow_jax.settings import DataSettings
+from denseflow_jax.sharding import BatchSplit
 
 
-def _eval_sizes(config, split, batch_size, num_examples, source):
-  if batch_size is None:
-    batch_size = config.eval.batch_size
-  if num_examples is None:
-    num_examples = config.eval.num_examples
-  if source is None:
-    source = load_split(config, split)
+def eval_examples(source, num_examples: int, split: str = 'test') -> int:
+  """How many examples an evaluation covers: the first ``num_examples`` of ``source``
+  (-1: all); DataError if the split holds fewer."""
   total = len(source)
-  if num_examples is None or num_examples < 0:
-    num_examples = total
-  elif num_examples > total:
+  if num_examples < 0:
+    return total
+  if num_examples > total:
     raise DataError(
         f"eval.num_examples = {num_examples} but split '{split}' has only "
         f'{total} examples; set --config.eval.num_examples={total} or -1 '
         '(whole split)')
-  return int(batch_size), int(num_examples), source
+  return int(num_examples)
 
 
-def eval_num_batches(config, split: str = 'test', batch_size: int | None = None,
-                     num_examples: int | None = None, source=None) -> int:
+def eval_num_batches(source, batch_size: int, num_examples: int = -1,
+                     split: str = 'test') -> int:
   """Number of batches :func:`iterate_eval` yields (same on every process)."""
-  batch_size, num_examples, _ = _eval_sizes(config, split, batch_size,
-                                            num_examples, source)
-  return -(-num_examples // batch_size)
+  return -(-eval_examples(source, num_examples, split) // int(batch_size))
 
 
 class _EvalBatch:
   """Builds local eval batch k (picklable; used by grain's threads)."""
 
-  def __init__(self, source, num_examples, global_batch, local_batch,
-               process_index, image_shape):
+  def __init__(self, source, num_examples, batch: BatchSplit):
     self.source = source
     self.num_examples = num_examples
-    self.global_batch = global_batch
-    self.local_batch = local_batch
-    self.process_index = process_index
-    self.image_shape = tuple(image_shape)
+    self.global_batch = batch.size
+    self.local_batch = batch.local_size
+    self.batch_start = batch.start
+    self.image_shape = tuple(source[0].shape)
 
   def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-    start = k * self.global_batch + self.process_index * self.local_batch
+    start = k * self.global_batch + self.batch_start
     images = np.zeros((self.local_batch,) + self.image_shape, np.uint8)
     mask = np.zeros((self.local_batch,), bool)
     for row in range(self.local_batch):
@@ -65,44 +57,31 @@ class _EvalBatch:
     return images, mask
 
 
-def iterate_eval(config, split: str = 'test', batch_size: int | None = None,
-                 num_examples: int | None = None, *, process_index: int = 0,
-                 process_count: int = 1,
-                 source=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iterate_eval(source, batch: BatchSplit, num_examples: int = -1, *, prefetch: int = 1,
+                 split: str = 'test') -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Batches ``(images, mask)`` covering each example once, in order.
 
   Every batch has the full size (uint8 ``[b, H, W, C]``, so a jitted step sees
   one shape); rows past the end of the data are zeros with ``mask`` False.
-  With several processes, ``batch_size`` is the global batch and process ``p``
-  gets rows ``[p * b, (p + 1) * b)`` of each global batch; all processes yield
-  the same number of batches.
+  ``batch`` is the global batch and this process's share: process ``p`` gets rows
+  ``[p * b, (p + 1) * b)`` of each global batch; all processes yield the same number
+  of batches.
 
   Args:
-    config: the full config.
-    split: 'train' or 'test'.
-    batch_size: global batch; None uses ``config.eval.batch_size``.
-    num_examples: the first this many examples; -1 all; None uses
-      ``config.eval.num_examples``.
-    process_index: this process.
-    process_count: number of processes.
-    source: the split's source if already loaded.
+    source: the split (``load_split``).
+    batch: e.g. ``BatchSplit(eval.batch_size, 'eval.batch_size')`` for one process.
+    num_examples: the first this many examples; -1 all.
+    prefetch: ``data.prefetch``.
+    split: its name, for the error.
 
   Returns:
-    An iterator of (uint8 ``[b, H, W, C]``, bool ``[b]``) with
-    ``b = batch_size // process_count``.
+    An iterator of (uint8 ``[b, H, W, C]``, bool ``[b]``) with ``b = batch.local_size``.
 
   Raises:
-    DataError: at the call (not at the first batch) for bad settings.
+    DataError: at the call (not at the first batch) for a split that is too small.
   """
-  batch_size, num_examples, source = _eval_sizes(config, split, batch_size,
-                                                 num_examples, source)
-  local_batch = local_batch_size(batch_size, process_count)
-  if not 0 <= process_index < process_count:
-    raise DataError(f'process_index {process_index} is not in '
-                    f'[0, {process_count})')
-  num_batches = -(-num_examples // batch_size)
-  make = _EvalBatch(source, num_examples, batch_size, local_batch,
-                    process_index, config.model.image_shape)
-  ds = (grain.MapDataset.range(num_batches).map(make)
-        .to_iter_dataset(read_options(DataSettings.from_config(config).prefetch)))
+  num_examples = eval_examples(source, num_examples, split)
+  num_batches = -(-num_examples // batch.size)
+  ds = (grain.MapDataset.range(num_batches).map(_EvalBatch(source, num_examples, batch))
+        .to_iter_dataset(read_options(prefetch)))
   return iter(ds)

@@ -22,44 +22,22 @@ from absl import flags
 import grain
 import numpy as np
 
-from denseflow_jax.data.augment import augment
-from denseflow_jax.data.sources import load_split
+from denseflow_jax.data.augment import augment_image
+from denseflow_jax.data.read_options import read_options
 from denseflow_jax.errors import DataError
 from denseflow_jax.settings import DataSettings
+from denseflow_jax.sharding import BatchSplit
 
 # Stored in checkpoints with the iterator state: keep this value so old checkpoints resume.
 _STATE_FORMAT = 'denseflow_jax.data.train_iterator/1'
 
 
-def local_batch_size(global_batch: int, process_count: int = 1) -> int:
-  """``global_batch // process_count``; DataError unless it divides evenly."""
-  if global_batch <= 0:
-    raise DataError(f'batch size {global_batch} must be positive; set '
-                    '--config.train.batch_size (or eval.batch_size) > 0')
-  if process_count <= 0 or global_batch % process_count:
-    raise DataError(
-        f'global batch size {global_batch} does not divide over '
-        f'{process_count} processes; set the batch size to a multiple of '
-        f'{process_count}')
-  return global_batch // process_count
-
-
-def steps_per_epoch(config, process_count: int = 1, source=None) -> int:
-  """Training steps per epoch: ``len(train) // config.train.batch_size``.
-
-  Args:
-    config: the full config.
-    process_count: checked to divide the global batch.
-    source: the training source if already loaded (saves loading it again).
-  """
-  global_batch = config.train.batch_size
-  local_batch_size(global_batch, process_count)
-  if source is None:
-    source = load_split(config, 'train')
-  steps = len(source) // global_batch
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Training steps per epoch: ``num_examples // global_batch`` (DataError if none)."""
+  steps = int(num_examples) // int(global_batch)
   if steps == 0:
     raise DataError(
-        f'the training split has {len(source)} examples, fewer than one '
+        f'the training split has {num_examples} examples, fewer than one '
         f'global batch of {global_batch}; lower --config.train.batch_size')
   return steps
 
@@ -73,14 +51,14 @@ def _derived_seeds(seed: int) -> tuple[int, int]:
 class _TrainExample:
   """Maps a process-local stream index to an augmented image (picklable)."""
 
-  def __init__(self, source, num_examples, steps, global_batch, local_batch,
-               process_index, shuffle_seed, augment_seed, augmentation):
+  def __init__(self, source, num_examples, steps, batch: BatchSplit, shuffle_seed,
+               augment_seed, augmentation):
     self.source = source
     self.num_examples = num_examples
     self.steps = steps
-    self.global_batch = global_batch
-    self.local_batch = local_batch
-    self.process_index = process_index
+    self.global_batch = batch.size
+    self.local_batch = batch.local_size
+    self.batch_start = batch.start
     self.augment_seed = augment_seed
     self.augmentation = augmentation
     # Stateless permutation; index e * n + i gives position i of epoch e's
@@ -92,15 +70,14 @@ class _TrainExample:
     """(epoch, position within the epoch's global stream) of a local index."""
     epoch, rest = divmod(index, self.steps * self.local_batch)
     step, row = divmod(rest, self.local_batch)
-    return epoch, (step * self.global_batch
-                   + self.process_index * self.local_batch + row)
+    return epoch, step * self.global_batch + self.batch_start + row
 
   def __call__(self, index: int, unused_element) -> np.ndarray:
     epoch, position = self.global_position(index)
     example = self.permutation[epoch * self.num_examples + position]
     image = self.source[example]
     stream_index = epoch * self.steps * self.global_batch + position
-    return augment(image, self.augmentation, (self.augment_seed, stream_index))
+    return augment_image(image, self.augmentation, (self.augment_seed, stream_index))
 
 
 class TrainIterator:
@@ -215,62 +192,46 @@ def state_from_json(text: str) -> dict:
   return json.loads(text)
 
 
-def read_options(prefetch: int) -> grain.ReadOptions:
-  """grain's read options for ``config.data.prefetch`` (train and eval streams)."""
-  return grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
-
-
-def make_train_iterator(config, process_index: int = 0, process_count: int = 1,
-                        source=None) -> TrainIterator:
+def make_train_iterator(data: DataSettings, source, image_shape, batch: BatchSplit,
+                        seed: int) -> TrainIterator:
   """Endless, shuffled, augmented training batches for one process.
 
   Args:
-    config: the full config (``data``, ``model.image_shape``,
-      ``model.num_bits``, ``train.batch_size`` = global batch, ``seed``).
-    process_index: this process (``jax.process_index()``).
-    process_count: number of processes (``jax.process_count()``).
-    source: the training source if already loaded.
+    data: the data settings (augmentation, workers, prefetch; the data set's name and
+      source are recorded in the iterator state).
+    source: the training split (``load_split(data, 'train', image_shape, num_bits)``).
+    image_shape: (H, W, C) of its images (recorded in the state).
+    batch: the global batch and this process's share (``sharding.split_batch``).
+    seed: the run's seed (shuffling and augmentation derive from it).
 
   Returns:
-    A :class:`TrainIterator` of uint8 ``[global_batch // process_count, H, W,
-    C]``; its batches, concatenated over processes in process order, are the
-    global batches, the same for any process_count.
+    A :class:`TrainIterator` of uint8 ``[batch.local_size, H, W, C]``; its batches,
+    concatenated over processes in process order, are the global batches, the same for
+    any process count.
   """
-  data = DataSettings.from_config(config)
-  augmentation = data.augmentation
-  global_batch = int(config.train.batch_size)
-  local_batch = local_batch_size(global_batch, process_count)
-  if not 0 <= process_index < process_count:
-    raise DataError(f'process_index {process_index} is not in '
-                    f'[0, {process_count})')
-  if source is None:
-    source = load_split(config, 'train')
-  steps = steps_per_epoch(config, process_count, source=source)
-  shuffle_seed, augment_seed = _derived_seeds(config.seed)
-  example = _TrainExample(source, len(source), steps, global_batch,
-                          local_batch, process_index, shuffle_seed,
-                          augment_seed, augmentation)
-  ds = (grain.MapDataset.range(steps * local_batch)
+  steps = steps_per_epoch(len(source), batch.size)
+  shuffle_seed, augment_seed = _derived_seeds(seed)
+  example = _TrainExample(source, len(source), steps, batch, shuffle_seed, augment_seed,
+                          data.augmentation)
+  ds = (grain.MapDataset.range(steps * batch.local_size)
         .repeat()
         .map_with_index(example)
-        .batch(local_batch, drop_remainder=True)
+        .batch(batch.local_size, drop_remainder=True)
         .to_iter_dataset(read_options(data.prefetch)))
-  worker_count = data.worker_count
-  if worker_count > 0:
+  if data.worker_count > 0:
     if not flags.FLAGS.is_parsed():   # grain reads flags in its workers
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count,
-        per_worker_buffer_size=data.prefetch))
+        num_workers=data.worker_count, per_worker_buffer_size=data.prefetch))
   pipeline = {
       'dataset': data.dataset,
       'source': data.source,
       'num_examples': len(source),
-      'image_shape': list(config.model.image_shape),
-      'global_batch': global_batch,
-      'seed': int(config.seed),
-      'augmentation': augmentation,
+      'image_shape': list(image_shape),
+      'global_batch': batch.size,
+      'seed': int(seed),
+      'augmentation': data.augmentation,
   }
-  layout = {'process_index': process_index, 'process_count': process_count,
-            'worker_count': worker_count}
-  return TrainIterator(ds, pipeline, layout, local_batch, steps)
+  layout = {'process_index': batch.process_index, 'process_count': batch.process_count,
+            'worker_count': data.worker_count}
+  return TrainIterator(ds, pipeline, layout, batch.local_size, steps)
