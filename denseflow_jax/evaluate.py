@@ -25,9 +25,9 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from denseflow_jax import data
+from denseflow_jax.console import Progress
 from denseflow_jax.model import DenseFlow, bits_per_dim, draw_noise
 from denseflow_jax.settings import EvalSettings
 from denseflow_jax.sharding import BatchSplit
@@ -149,20 +149,22 @@ def evaluate_dataset(model: DenseFlow, variables, source, key, settings: EvalSet
   count = nonfinite = 0
   start_time = time.perf_counter()
   first_batch_seconds = None
-  bar = tqdm.tqdm(batches, total=num_batches, desc=f'eval {split} k={k}', unit='batch',
-                  disable=not progress)
-  for i, (images, mask) in enumerate(bar):
-    bound, elbo = iwbo_and_elbo(log_prob_fn, variables, images, jax.random.fold_in(key, i), k,
-                                k_chunk)
-    bound, elbo = np.asarray(bound, np.float64)[mask], np.asarray(elbo, np.float64)[mask]
-    if first_batch_seconds is None:
-      first_batch_seconds = time.perf_counter() - start_time
-    sum_iwbo += float(bound.sum())
-    sum_elbo += float(elbo.sum())
-    count += int(mask.sum())
-    nonfinite += int((~np.isfinite(bound) | ~np.isfinite(elbo)).sum())
-    bar.set_postfix(elbo_bpd=f'{float(bits_per_dim(sum_elbo / max(count, 1), model.spec)):.4f}')
-  bar.close()
+  with Progress(num_batches, desc=f'eval {split} k={k}', unit='batch', enabled=progress,
+                plain_every=max(1, num_batches // 10)) as bar:
+    bar.say(f'eval {split} k={k}: {num_batches} batches; compiling the evaluation program '
+            '(the first batch)...')
+    for i, (images, mask) in enumerate(batches):
+      bound, elbo = iwbo_and_elbo(log_prob_fn, variables, images, jax.random.fold_in(key, i), k,
+                                  k_chunk)
+      bound, elbo = np.asarray(bound, np.float64)[mask], np.asarray(elbo, np.float64)[mask]
+      if first_batch_seconds is None:
+        first_batch_seconds = time.perf_counter() - start_time
+        bar.start(0)                  # rate and ETA without the compilation
+      sum_iwbo += float(bound.sum())
+      sum_elbo += float(elbo.sum())
+      count += int(mask.sum())
+      nonfinite += int((~np.isfinite(bound) | ~np.isfinite(elbo)).sum())
+      bar.update(i + 1, elbo_bpd=f'{float(bits_per_dim(sum_elbo / max(count, 1), model.spec)):.4f}')
   seconds = time.perf_counter() - start_time
 
   result = {

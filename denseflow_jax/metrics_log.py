@@ -28,7 +28,7 @@ from tensorboardX import SummaryWriter
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
-EVENTS = ('start', 'resume', 'already_finished', 'interrupt', 'finish')
+EVENTS = ('start', 'resume', 'already_finished', 'compiled', 'interrupt', 'finish')
 
 
 def _read_records(workdir) -> list:
@@ -138,8 +138,8 @@ class MetricsLog:
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get('step', 0) <= resume_step]
       self.path.write_text(''.join(line + '\n' for line in kept))
-    purge = None if resume_step is None else resume_step + 1
-    self.writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR), purge_step=purge)
+    # Made at the first metrics record: a rerun of a finished run leaves no empty file.
+    self._purge = None if resume_step is None else resume_step + 1
 
   def write(self, record: Mapping, prefix: str) -> None:
     """Appends ``record`` (with its 'step') to metrics.jsonl and its numbers to TensorBoard
@@ -148,6 +148,9 @@ class MetricsLog:
       return
     record = {k: (v.item() if hasattr(v, 'item') else v) for k, v in record.items()}
     self._append(record)
+    if self.writer is None:
+      self.writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR),
+                                  purge_step=self._purge)
     for k, v in record.items():
       if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
         self.writer.add_scalar(f'{prefix}/{k}', v, record['step'])
@@ -158,15 +161,15 @@ class MetricsLog:
     if self.enabled:
       self._console(message)
 
-  def event(self, step: int, event: str, message: str, echo: bool = True) -> None:
+  def event(self, step: int, event: str, message: str, echo: bool = True, **fields) -> None:
     """One line of the run's story: printed (unless ``echo`` is False) and appended to
-    metrics.jsonl (not to TensorBoard)."""
+    metrics.jsonl with ``fields`` (not to TensorBoard)."""
     if event not in EVENTS:
       raise ValueError(f'unknown event {event!r}; one of {EVENTS}')
     if echo:
       self.say(message)
     if self.enabled:
-      self._append({'step': int(step), 'event': event, 'message': message})
+      self._append({'step': int(step), 'event': event, 'message': message, **fields})
 
   def _append(self, record: Mapping) -> None:
     with self.path.open('a') as f:

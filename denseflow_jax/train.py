@@ -31,13 +31,13 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
 from denseflow_jax.errors import ConfigError, DataError, NonFiniteError, TrainingInterrupted
 from denseflow_jax.interrupt import stop_signals
-from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow
+from denseflow_jax.console import Progress
+from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow, read_events
 from denseflow_jax.settings import Settings, TrainSettings
 from denseflow_jax.sharding import BatchSplit, global_batch, make_mesh, replicated, split_batch
 from denseflow_jax.spec import ModelSpec
@@ -45,6 +45,7 @@ from denseflow_jax.train_step import (TrainState, all_finite, eval_variables, ma
                                       make_train_step, uses_ema)
 
 PRETRAINED_DIR = 'pretrained'
+SAMPLES_DIR = 'samples'        # where modes.train's sample grids go
 
 
 # ---------------------------------------------------------------------------
@@ -148,15 +149,18 @@ def _start_event(workdir, checkpoints, phase, latest, start_step, total_steps):
 
 
 def _finish_message(workdir, checkpoints, step, seconds, best_metric, last_value, meta) -> str:
-  """The last line a run prints: steps, time, last and best metric, where things are."""
+  """The last line a run prints: steps, time, last and best metric, where things are (only
+  what exists: a run that never sampled names no samples folder)."""
   parts = [f'finished {step} steps in {seconds:.0f} s']
   if last_value is not None:
     parts.append(f'last {best_metric} {last_value:.4f}')
   if meta.get('best') is not None:
     parts.append(f'best {meta["best"]:.4f} at step {meta.get("best_step")} '
                  f'({workdir / ckpt_lib.BEST_DIR})')
-  return ('; '.join(parts) + f'; checkpoints in {checkpoints}, metrics in '
-          f'{workdir / METRICS_FILE}, samples in {workdir / "samples"}')
+  places = f'checkpoints in {checkpoints}, metrics in {workdir / METRICS_FILE}'
+  if (workdir / SAMPLES_DIR).is_dir():
+    places += f', samples in {workdir / SAMPLES_DIR}'
+  return '; '.join(parts) + '; ' + places
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,16 +294,23 @@ def _train_loop(run: _Run) -> TrainState:
   is_main = jax.process_index() == 0
   init_fn, to_state_fn = make_state_init(run.spec, t, run.mesh, steps_per_epoch)
   init_key, train_key = jax.random.split(jax.random.PRNGKey(run.seed))
-
-  # ---- restore or initialise; plan the steps ----
-  state, meta, first_batch = _initial_state(run, init_fn, to_state_fn, init_key)
-  start_step = int(jax.device_get(state.step))
-  total, meta = _plan_phase(run, state, start_step, meta)
-  plan = _Plan(total, steps_per_epoch, t.log_every, t.checkpoint_every_steps,
-               t.eval_every_epochs, t.sample_every_epochs)
   directory = run.checkpointer.directory
   with contextlib.ExitStack() as stack:
-    log = stack.enter_context(MetricsLog(run.workdir, start_step, is_main, console=tqdm.write))
+    progress = stack.enter_context(Progress(0, desc=t.phase, enabled=is_main,
+                                            plain_every=t.log_every))
+    # ---- restore or initialise; plan the steps ----
+    if run.latest is None and not run.checkpoint:
+      progress.say('initialising the model on the first batch (data-dependent ActNorm; '
+                   'compiles once)...')
+    state, meta, first_batch = _initial_state(run, init_fn, to_state_fn, init_key)
+    start_step = int(jax.device_get(state.step))
+    total, meta = _plan_phase(run, state, start_step, meta)
+    progress.total = total
+    plan = _Plan(total, steps_per_epoch, t.log_every, t.checkpoint_every_steps,
+                 t.eval_every_epochs, t.sample_every_epochs)
+    last_compile = _last_compile_seconds(run.workdir) if is_main else None
+    log = stack.enter_context(MetricsLog(run.workdir, start_step, is_main,
+                                         console=progress.say))
     log.event(start_step, *_start_event(run.workdir, directory, t.phase, run.latest,
                                         start_step, total))
     if start_step >= total:
@@ -309,32 +320,38 @@ def _train_loop(run: _Run) -> TrainState:
     window = MetricsWindow(t.log_every, t.batch_size, steps_per_epoch, replicated(run.mesh))
     local_shape = (run.batch.local_size, *run.spec.image_shape)
     started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, run.latest
-    previous = None
+    previous, evaluated = None, False
     stop = stack.enter_context(stop_signals())
-    progress = stack.enter_context(tqdm(
-        total=total, initial=start_step, disable=not is_main, unit='step',
-        dynamic_ncols=True, desc=f'{t.phase} (compiling)'))
+    progress.say(_compile_notice(last_compile))
     for batch in _batches(first_batch, run.iterator, local_shape):
       state, metrics = train_step(state, global_batch(batch, run.mesh), train_key)
       window.add(metrics)
       step += 1
       if previous is None:                  # the first call compiled: time from here on
+        seconds = time.perf_counter() - started
+        log.event(step, 'compiled', f'compiled the train step in {seconds:.0f} s',
+                  seconds=seconds)
         window.restart_clock()
-        progress.set_description(t.phase)
+        progress.start(step - 1)
       jax.block_until_ready(previous)       # the host runs one step ahead, no further
       previous = metrics
-      progress.update(1)
       hooks = plan.evaluate(step) or plan.sample(step) or plan.save(step)
+      postfix = {}
       if plan.log(step):
         record = window.flush(step)
         log.write(record, 'train')
-        progress.set_postfix(bpd=_fmt(record['train_bpd'], 4),
-                             img_s=_fmt(record['img_per_s'], 1), refresh=False)
+        postfix = {'bpd': _fmt(record['train_bpd'], 4), 'img_s': _fmt(record['img_per_s'], 1)}
+      progress.update(step, **postfix)
       if plan.log(step) or hooks:
         _check_nonfinite(window, step, t.max_nonfinite_in_row, directory)
       if run.eval_fn is not None and plan.evaluate(step):
+        progress.status('evaluating')
+        progress.say(f'step {step}: evaluating' + ('' if evaluated else
+                                                   ' (the first evaluation compiles)') + '...')
         last_eval = _evaluate(run, state, step, meta, log) or last_eval
+        evaluated = True
       if run.sample_fn is not None and plan.sample(step):
+        progress.status('sampling')
         run.sample_fn(state, step)
       if plan.save(step):
         _save(run, step, state, meta)
@@ -351,10 +368,27 @@ def _train_loop(run: _Run) -> TrainState:
       if step >= total:
         break
     run.checkpointer.wait()
+    progress.close()
     log.event(step, 'finish', _finish_message(
         run.workdir, directory, step, time.perf_counter() - started, t.best_metric,
         last_eval.get(t.best_metric), meta))
   return state
+
+
+def _last_compile_seconds(workdir) -> Optional[float]:
+  """How long the train step took to compile in this workdir's last run, if it said."""
+  path = workdir / METRICS_FILE
+  events = read_events(workdir) if path.exists() else []
+  seconds = [float(e['seconds']) for e in events if e['event'] == 'compiled']
+  return seconds[-1] if seconds else None
+
+
+def _compile_notice(last_seconds: Optional[float]) -> str:
+  if last_seconds is not None:
+    return (f'compiling the train step (took {last_seconds:.0f} s last time in this '
+            'workdir)...')
+  return ('compiling the train step (once per run: about 45 s for configs/digits.py on 2 CPU '
+          'cores, about 6 min for DenseFlow-74-10 on an H200)...')
 
 
 def _replicated_structs(tree, mesh):

@@ -26,12 +26,12 @@ def tiny(base, dataset, image_shape, num_bits):
 
 
 def assert_tensorboard_matches_metrics(workdir):
-  """Every numeric (field, step) of metrics.jsonl is in the TensorBoard event files, with its
-  value, and nothing else is: reruns and resumes neither lose nor duplicate a point."""
+  """Every numeric (field, step) of metrics.jsonl's metrics records is in the TensorBoard
+  event files, with its value, and nothing else is: reruns and resumes neither lose nor
+  duplicate a point. (Event records, the run's story, do not go to TensorBoard.)"""
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
   want = {}
-  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
-    record = json.loads(line)
+  for record in metrics_log.read_metrics(workdir):
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
         want.setdefault((key, record['step']), []).append(float(value))
@@ -62,9 +62,19 @@ def run_all_modes(config, workdir, capsys=None):
   modes.run('train', config, str(workdir))
   if capsys is not None:        # the story of the three runs on the console
     story = [line for line in capsys.readouterr().out.splitlines()
-             if line.startswith(('starting', 'finished', 'already', 'resuming', 'step '))]
-    assert [line.split(' ')[0] for line in story] == [
-        'starting', 'step', 'finished', 'already', 'resuming', 'step', 'finished'], story
+             if line.startswith(('starting', 'compil', 'finished', 'already', 'resuming',
+                                 'step '))]
+    assert [' '.join(line.split(' ')[:2]) for line in story] == [
+        'starting a', 'compiling the', 'compiled the', 'step 3:', 'step 3:', 'finished 3',
+        'already finished', 'resuming from', 'compiling the', 'compiled the', 'step 4:',
+        'step 4:', 'finished 4'], story
+    assert story[3] == 'step 3: evaluating (the first evaluation compiles)...'
+    assert story[4].startswith('step 3: test_bpd ')
+    # The second run's compile notice is the first run's compile time.
+    first_compile = float(story[2].split(' in ')[1].split()[0])
+    assert story[8] == (f'compiling the train step (took {first_compile:.0f} s last time in '
+                        'this workdir)...')
+    story = [line for line in story if not line.startswith(('step ', 'compiling'))]
     assert story[2].startswith('finished 3 steps') and 'last test_bpd' in story[2]
     assert story[3].startswith('already finished at step 3 of 3: nothing to do')
     assert story[4].startswith('resuming from step 3 of 4 (checkpoint ')
@@ -73,7 +83,8 @@ def run_all_modes(config, workdir, capsys=None):
     assert [e['message'] for e in events] == [
         line for line in story if not line.startswith('step ')]
     assert [(e['event'], e['step']) for e in events] == [
-        ('start', 0), ('finish', 3), ('already_finished', 3), ('resume', 3), ('finish', 4)]
+        ('start', 0), ('compiled', 1), ('finish', 3), ('already_finished', 3), ('resume', 3),
+        ('compiled', 4), ('finish', 4)]
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   steps = [r['step'] for r in records if 'train_bpd' in r]
   assert steps == sorted(set(steps)) and max(steps) <= 4, steps   # no step trained twice
