@@ -19,10 +19,16 @@ import resource
 import sys
 import time
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.getcwd())   # configs.*, denseflow_jax
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from denseflow_jax import sharding, train_step  # noqa: E402
+from denseflow_jax.settings import TrainSettings  # noqa: E402
+from denseflow_jax.spec import spec_from_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
 _SCALES = flags.DEFINE_list('scales', ['1', '2', '4'], 'Multipliers of layers_config.')
@@ -36,12 +42,6 @@ def _cpu_s():
 
 def main(argv):
   del argv
-  import jax
-  import jax.numpy as jnp
-  from denseflow_jax import sharding, train_step
-  from denseflow_jax.settings import TrainSettings
-  from denseflow_jax.spec import spec_from_config
-
   base = _CONFIG.value
   mesh = sharding.make_mesh()
   for scale in map(int, _SCALES.value):

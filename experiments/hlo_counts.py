@@ -31,10 +31,17 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.getcwd())   # configs.*
+sys.path.insert(0, os.getcwd())   # configs.*, denseflow_jax
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
+from jax.extend import core as jex_core  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from denseflow_jax import model as model_lib, sharding, train_step  # noqa: E402
+from denseflow_jax.settings import TrainSettings  # noqa: E402
+from denseflow_jax.spec import spec_from_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Global batch of the lowered step.')
@@ -170,9 +177,6 @@ def _nbytes(aval):
 def saved_residuals(loss, params, *rest):
   """Bytes jax.vjp of `loss(params, *rest)` w.r.t. params keeps for the backward pass:
   (activations, residuals that are inputs, number of residuals)."""
-  import jax
-  from jax.extend import core as jex_core
-
   def residuals(p, *r):
     _, vjp_fn = jax.vjp(lambda q: loss(q, *r), p)
     return jax.tree.leaves(vjp_fn)
@@ -190,15 +194,69 @@ def saved_residuals(loss, params, *rest):
   return activations, from_inputs, count
 
 
+def _config_for(base, **model):
+  """(TrainSettings, ModelSpec) of the config `base` with these model settings."""
+  config = base.copy_and_resolve_references()
+  for name, value in model.items():
+    config.model[name] = value
+  return TrainSettings.from_config(config), spec_from_config(config.model)
+
+
+def _abstract_state(spec, settings, mesh, key):
+  """Abstract (variables, train state, batch of images) of the step (jax.eval_shape)."""
+  init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
+  x = jax.ShapeDtypeStruct((settings.batch_size, *spec.image_shape), jnp.uint8)
+  variables = jax.eval_shape(init, key, x)
+  return variables, jax.eval_shape(to_state, variables), x
+
+
+def lowering_counts(base, unroll, mesh, key, platform):
+  """(counts of the train step with this scan_unroll lowered for `platform`, the
+  (shape, dtype) tree of its variables)."""
+  settings, spec = _config_for(base, scan_unroll=unroll)
+  start = time.perf_counter()
+  variables, state, x = _abstract_state(spec, settings, mesh, key)
+  tree = jax.tree.map(lambda a: (a.shape, str(a.dtype)), variables)
+  step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
+  traced = step.trace(state, x, key)
+  trace_s = time.perf_counter() - start
+  lowered = traced.lower(lowering_platforms=(platform,))
+  text = lowered.as_text()
+  lower_s = time.perf_counter() - start - trace_s
+  counts = count_ops(text)
+  counts.update(text_lines=text.count('\n'), text_mib=round(len(text) / 2 ** 20, 1))
+  del text
+  # The same module as XLA HLO (before any optimisation): instructions, calls inlined
+  # per computation, chlo ops expanded.
+  hlo = lowered.compiler_ir('hlo').as_hlo_text()
+  counts['hlo_instructions'] = sum(1 for line in hlo.splitlines() if ' = ' in line)
+  counts['hlo_computations'] = sum(1 for line in hlo.splitlines()
+                                   if line.endswith('{') and ' = ' not in line)
+  del hlo
+  counts.update(trace_s=round(trace_s, 1), lower_s=round(lower_s, 1),
+                rss_gib_after=round(_rss_gib(), 2))
+  return counts, tree
+
+
+def residual_bytes(base, variant, mesh, key):
+  """(saved-for-backward figures of one precision variant 'dtype[+remat]' of the rolled
+  model, its abstract variables)."""
+  dtype, _, remat = variant.partition('+')
+  settings, spec = _config_for(base, scan_unroll=1, compute_dtype=dtype, remat=remat == 'remat')
+  start = time.perf_counter()
+  variables, _, x = _abstract_state(spec, settings, mesh, key)
+  model = model_lib.make_model(spec)
+  noise = jax.eval_shape(lambda k: model_lib.draw_noise(spec, k, settings.batch_size), key)
+  loss = lambda p, bs, xb, nz: train_step.train_loss(model, p, bs, xb, nz)[0]
+  act, inputs, count = saved_residuals(loss, variables['params'], variables['batch_stats'],
+                                       x, noise)
+  return {'activations_gib': round(act / 2 ** 30, 3), 'inputs_gib': round(inputs / 2 ** 30, 3),
+          'count': count, 'seconds': round(time.perf_counter() - start, 1)}, variables
+
+
 def main(argv):
   del argv
   _memory_guard(_MAX_RSS.value)
-  import jax
-  import jax.numpy as jnp
-  from denseflow_jax import model as model_lib, sharding, train_step
-  from denseflow_jax.settings import TrainSettings
-  from denseflow_jax.spec import spec_from_config
-
   base = _CONFIG.value
   batch = _BATCH.value
   base.train.batch_size = batch
@@ -209,68 +267,20 @@ def main(argv):
             'batch_size': batch, 'platform': _PLATFORM.value,
             'compute_dtype': base.model.compute_dtype, 'remat': base.model.remat,
             'jax': jax.__version__, 'host': 'cpu'}
-
-  def config_for(**model):
-    config = base.copy_and_resolve_references()
-    for name, value in model.items():
-      config.model[name] = value
-    return TrainSettings.from_config(config), spec_from_config(config.model)
-
-  def abstract_state(spec, settings):
-    init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
-    x = jax.ShapeDtypeStruct((batch, *spec.image_shape), jnp.uint8)
-    variables = jax.eval_shape(init, key, x)
-    return variables, jax.eval_shape(to_state, variables), x
-
   trees = {}
   for unroll in unrolls:
-    settings, spec = config_for(scan_unroll=unroll)
-    start = time.perf_counter()
-    variables, state, x = abstract_state(spec, settings)
-    trees[unroll] = jax.tree.map(lambda a: (a.shape, str(a.dtype)), variables)
-    step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
-    traced = step.trace(state, x, key)
-    trace_s = time.perf_counter() - start
-    lowered = traced.lower(lowering_platforms=(_PLATFORM.value,))
-    text = lowered.as_text()
-    lower_s = time.perf_counter() - start - trace_s
-    counts = count_ops(text)
-    counts.update(text_lines=text.count('\n'), text_mib=round(len(text) / 2 ** 20, 1))
-    del text
-    # The same module as XLA HLO (before any optimisation): instructions, calls inlined
-    # per computation, chlo ops expanded.
-    hlo = lowered.compiler_ir('hlo').as_hlo_text()
-    counts['hlo_instructions'] = sum(1 for line in hlo.splitlines() if ' = ' in line)
-    counts['hlo_computations'] = sum(1 for line in hlo.splitlines()
-                                     if line.endswith('{') and ' = ' not in line)
-    del hlo
-    counts.update(trace_s=round(trace_s, 1), lower_s=round(lower_s, 1),
-                  rss_gib_after=round(_rss_gib(), 2))
-    del lowered, traced
+    counts, trees[unroll] = lowering_counts(base, unroll, mesh, key, _PLATFORM.value)
     result[f'scan_unroll_{unroll}'] = counts
     print(f'scan_unroll={unroll}: {json.dumps(counts)}', file=sys.stderr, flush=True)
   result['same_parameter_tree'] = all(trees[u] == trees[unrolls[0]] for u in unrolls)
 
   residuals = {}
   for variant in filter(None, _RESIDUALS.value):
-    dtype, _, remat = variant.partition('+')
-    settings, spec = config_for(scan_unroll=1, compute_dtype=dtype, remat=remat == 'remat')
-    start = time.perf_counter()
-    variables, _, x = abstract_state(spec, settings)
-    model = model_lib.make_model(spec)
-    noise = jax.eval_shape(lambda k: model_lib.draw_noise(spec, k, batch), key)
-    loss = lambda p, bs, xb, nz: train_step.train_loss(model, p, bs, xb, nz)[0]
-    act, inputs, count = saved_residuals(loss, variables['params'], variables['batch_stats'],
-                                         x, noise)
-    residuals[variant] = {'activations_gib': round(act / 2 ** 30, 3),
-                          'inputs_gib': round(inputs / 2 ** 30, 3), 'count': count,
-                          'seconds': round(time.perf_counter() - start, 1)}
+    residuals[variant], variables = residual_bytes(base, variant, mesh, key)
     print(f'residuals {variant}: {json.dumps(residuals[variant])}', file=sys.stderr, flush=True)
   if residuals:
     result['saved_for_backward'] = residuals
-  params = variables['params'] if residuals else None
-  if params is not None:
-    result['parameters'] = sum(math.prod(a.shape) for a in jax.tree.leaves(params))
+    result['parameters'] = sum(math.prod(a.shape) for a in jax.tree.leaves(variables['params']))
   result['peak_rss_gib'] = round(_peak_rss_gib(), 2)
   print(json.dumps(result), flush=True)
 

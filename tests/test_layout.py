@@ -1,7 +1,8 @@
-"""The package's layout: no import cycle between its modules, imports only at the top of a
-file (except optional dependencies, imported where they are needed), a docstring in every
-module, no module over ~400 lines (the Inception network excepted: one architecture) and
-no function over ~80. Checked on the source with `ast`; nothing is imported."""
+"""The layout of the package and of the experiments' scripts: no import cycle between the
+package's modules, imports only at the top of a file (except optional dependencies,
+imported where they are needed), a docstring in every module, no module over 400 lines
+(the Inception network excepted: one architecture) and no function over 80. Checked on
+the source with `ast`; nothing is imported."""
 import ast
 import collections
 import pathlib
@@ -9,16 +10,20 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'denseflow_jax'
-# Optional dependencies: imported lazily, inside the function that needs them.
-OPTIONAL = {'torch', 'tensorflow', 'tensorflow_datasets', 'sklearn'}
-MAX_MODULE_LINES = 410          # '~400'
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / 'denseflow_jax'
+EXPERIMENTS = ROOT / 'experiments'     # scripts: the same rules, except the import cycle
+# Optional dependencies: imported lazily, inside the function that needs them
+# (torchvision: experiments/check_inception_layout.py only).
+OPTIONAL = {'torch', 'torchvision', 'tensorflow', 'tensorflow_datasets', 'sklearn'}
+MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 LONG_MODULES = {'denseflow_jax.inception'}   # InceptionV3's blocks, kept in one file
 
 
 def modules(root: pathlib.Path) -> Dict[str, pathlib.Path]:
-  """{'denseflow_jax.x.y': path} of every .py file under the package folder `root`."""
+  """{'denseflow_jax.x.y': path} of every .py file under the folder `root` (a package, or
+  experiments/: 'experiments.gpu_bench')."""
   out = {}
   for path in sorted(root.rglob('*.py')):
     parts = (root.name,) + path.relative_to(root).with_suffix('').parts
@@ -84,32 +89,53 @@ def misplaced_imports(path: pathlib.Path) -> List[Tuple[int, str]]:
   return found
 
 
-def test_the_package_has_no_import_cycle():
-  assert find_cycles(import_graph(PACKAGE)) == []
+def long_modules(mods: Dict[str, pathlib.Path]) -> Dict[str, int]:
+  """{module: lines} of the modules over MAX_MODULE_LINES, LONG_MODULES excepted."""
+  lengths = {name: len(path.read_text().splitlines()) for name, path in mods.items()
+             if name not in LONG_MODULES}
+  return {name: n for name, n in lengths.items() if n > MAX_MODULE_LINES}
 
 
-@pytest.mark.parametrize('name', sorted(modules(PACKAGE)))
-def test_imports_are_at_the_top_except_optional_dependencies(name):
-  assert misplaced_imports(modules(PACKAGE)[name]) == []
-
-
-def test_modules_and_functions_fit_on_a_few_screens():
-  long_modules = {name: len(path.read_text().splitlines()) for name, path in modules(PACKAGE).items()
-                  if name not in LONG_MODULES}
-  assert {n: k for n, k in long_modules.items() if k > MAX_MODULE_LINES} == {}
-  long_functions = {}
-  for name, path in modules(PACKAGE).items():
+def long_functions(mods: Dict[str, pathlib.Path]) -> Dict[str, int]:
+  """{'module.function': lines} of the functions (nested ones too) over MAX_FUNCTION_LINES."""
+  found = {}
+  for name, path in mods.items():
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         length = node.end_lineno - node.lineno + 1
         if length > MAX_FUNCTION_LINES:
-          long_functions[f'{name}.{node.name}'] = length
-  assert long_functions == {}
+          found[f'{name}.{node.name}'] = length
+  return found
 
 
-def test_every_module_has_a_docstring():
-  assert [name for name, path in modules(PACKAGE).items()
-          if not ast.get_docstring(ast.parse(path.read_text()))] == []
+def without_docstring(mods: Dict[str, pathlib.Path]) -> List[str]:
+  """The modules that have no module docstring."""
+  return [name for name, path in mods.items() if not ast.get_docstring(ast.parse(path.read_text()))]
+
+
+def all_modules() -> Dict[str, pathlib.Path]:
+  """The package's modules and the experiments' scripts."""
+  return {**modules(PACKAGE), **modules(EXPERIMENTS)}
+
+
+def test_the_package_has_no_import_cycle():
+  assert find_cycles(import_graph(PACKAGE)) == []
+
+
+@pytest.mark.parametrize('name', sorted(all_modules()))
+def test_imports_are_at_the_top_except_optional_dependencies(name):
+  assert misplaced_imports(all_modules()[name]) == []
+
+
+@pytest.mark.parametrize('root', [PACKAGE, EXPERIMENTS], ids=lambda root: root.name)
+def test_modules_and_functions_fit_on_a_few_screens(root):
+  assert long_modules(modules(root)) == {}
+  assert long_functions(modules(root)) == {}
+
+
+@pytest.mark.parametrize('root', [PACKAGE, EXPERIMENTS], ids=lambda root: root.name)
+def test_every_module_has_a_docstring(root):
+  assert without_docstring(modules(root)) == []
 
 
 def test_the_checks_find_a_cycle_and_a_late_import(tmp_path):
@@ -130,3 +156,27 @@ def test_the_checks_find_a_cycle_and_a_late_import(tmp_path):
   assert misplaced_imports(pkg / 'b.py') == [(4, 'denseflow_jax.sub')]
   assert misplaced_imports(pkg / 'sub' / 'c.py') == [(5, 'json')]
   assert misplaced_imports(pkg / 'a.py') == []
+
+
+def test_the_checks_find_what_a_script_must_not_have(tmp_path):
+  """The same checks on a tiny experiments/ folder: a script too long, a function too
+  long, a script without a docstring, imports inside a function; an import after a
+  top-level sys.path.insert is still at the top."""
+  folder = tmp_path / 'experiments'
+  folder.mkdir()
+  (folder / 'ok.py').write_text('"""Fine."""\nimport sys\nsys.path.insert(0, ".")\n'
+                                'import json  # noqa: E402\n\n\ndef f():\n'
+                                '  from torchvision import models  # optional: allowed\n')
+  (folder / 'late.py').write_text('"""Late."""\n\n\ndef main():\n  import jax\n'
+                                  '  from denseflow_jax import model\n')
+  (folder / 'long.py').write_text('"""Long."""\n' + 'x = 1\n' * MAX_MODULE_LINES)
+  body = ''.join(f'  y{i} = {i}\n' for i in range(MAX_FUNCTION_LINES))
+  (folder / 'bare.py').write_text(f'def short():\n  pass\n\n\ndef big():\n{body}')
+  mods = modules(folder)
+  assert sorted(mods) == ['experiments.bare', 'experiments.late', 'experiments.long',
+                          'experiments.ok']
+  assert misplaced_imports(mods['experiments.ok']) == []
+  assert misplaced_imports(mods['experiments.late']) == [(5, 'jax'), (6, 'denseflow_jax')]
+  assert long_modules(mods) == {'experiments.long': MAX_MODULE_LINES + 1}
+  assert long_functions(mods) == {'experiments.bare.big': MAX_FUNCTION_LINES + 1}
+  assert without_docstring(mods) == ['experiments.bare']
