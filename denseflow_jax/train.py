@@ -377,8 +377,7 @@ def _train_loop(run: _Run) -> TrainState:
 
 def _last_compile_seconds(workdir) -> Optional[float]:
   """How long the train step took to compile in this workdir's last run, if it said."""
-  path = workdir / METRICS_FILE
-  events = read_events(workdir) if path.exists() else []
+  events = read_events(workdir) if (workdir / METRICS_FILE).exists() else []
   seconds = [float(e['seconds']) for e in events if e['event'] == 'compiled']
   return seconds[-1] if seconds else None
 

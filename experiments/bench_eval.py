@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from bench_log import memory, within
-from denseflow_jax import evaluate, model as model_lib
+from denseflow_jax import evaluate, model as model_lib, sampling
 
 
 def _first_call(bench, name, desc, budget, fn):
@@ -64,7 +64,7 @@ def measure_sample(run, name, dtype, num, budget):
   out = {}
 
   def draw(i):      # uint8 images on the host: synchronised
-    out['images'] = evaluate.sample_images(model, variables, jax.random.fold_in(key, i), num,
+    out['images'] = sampling.sample_images(model, variables, jax.random.fold_in(key, i), num,
                                            1.0, batch_size=num)
   first_s = _first_call(run.bench, name, desc, budget, lambda: draw(10 ** 6))   # not a timed key
   if first_s is None:

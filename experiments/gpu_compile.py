@@ -13,7 +13,7 @@ device descriptions XLA reads; h200 and h100), the programs named by `--programs
            train.batch_size (global);
   eval     the one-sample bound in evaluation mode (evaluate.make_log_prob_fn's
            program), batch eval.batch_size;
-  sample   the sampler (evaluate.sample_images' program), sample.batch_size images,
+  sample   the sampler (sampling.sample_images' program), sample.batch_size images,
 
 and prints ONE JSON line per program: trace / lower / compile seconds; the kernels one
 call launches, by kind and by model part (forward and backward), loops expanded, and
@@ -47,7 +47,8 @@ from ml_collections import config_flags  # noqa: E402
 
 import flops  # noqa: E402
 import hlo_kernels  # noqa: E402
-from denseflow_jax import evaluate, model as model_lib, sharding, train_step  # noqa: E402
+from denseflow_jax import evaluate, model as model_lib, sampling, sharding, train_step  # noqa: E402
+from denseflow_jax.errors import ConfigError  # noqa: E402
 from denseflow_jax.settings import EvalSettings, SampleSettings, TrainSettings  # noqa: E402
 from denseflow_jax.spec import spec_from_config  # noqa: E402
 
@@ -99,9 +100,7 @@ def abstract_state(spec, config, mesh):
 def _batch_of(mesh, shape, dtype, field: str, batch: int):
   """An abstract [batch, *shape] array sharded over the mesh; `field` names the config
   setting `batch` comes from, for the error when it does not divide over the GPUs."""
-  if batch % mesh.size:
-    raise CompileError(f'{field} = {batch} does not divide over {mesh.size} GPUs; set '
-                       f'--config.{field} to a multiple of {mesh.size}')
+  sharding.BatchSplit(batch, field, device_count=mesh.size)   # ConfigError if it does not
   return jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=sharding.batch_sharding(mesh))
 
 
@@ -124,7 +123,7 @@ def traced_program(name: str, config, spec, mesh, variables, state):
   batch = SampleSettings.from_config(config).batch_size
   keys = _batch_of(mesh, key.shape, key.dtype, 'sample.batch_size', batch)
   temperature = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-  return evaluate.sample_batch.trace(model, variables, keys, temperature), batch
+  return sampling.sample_batch.trace(model, variables, keys, temperature), batch
 
 
 def _memory(compiled) -> dict:
@@ -190,7 +189,7 @@ def main(argv):
   for name in _PROGRAMS.value:
     try:
       line = compile_program(name, config, spec, mesh, variables, state, _HLO_DIR.value)
-    except CompileError as error:
+    except (CompileError, ConfigError) as error:
       print(f'error: {error}', file=sys.stderr)
       return 2
     print(json.dumps({**common, **line}), flush=True)

@@ -12,22 +12,28 @@ records how well the first random rotation decorrelated the colour channels.
 The official losses for seeds 0-3 are in official_init.json ('first_forward_loss_bpd').
 """
 import argparse
+import dataclasses
 import math
 import pathlib
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from denseflow_jax import model as model_lib
-from denseflow_jax.flows.squeeze import squeeze
-from denseflow_jax.flows.squeeze_drop import squeeze_drop_forward
-from denseflow_jax.model import DenseFlow
-from denseflow_jax.spec import ModelSpec
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SPEC = ModelSpec(image_shape=(32, 32, 3), block_config=(2, 2, 1), layers_config=(2, 2, 4),
-                 mid_channels=(16, 16, 16), growth_rate=4)
+sys.path.insert(0, str(ROOT))     # configs.default, from any working directory
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from denseflow_jax import model as model_lib  # noqa: E402
+from denseflow_jax.flows.squeeze import squeeze  # noqa: E402
+from denseflow_jax.flows.squeeze_drop import squeeze_drop_forward  # noqa: E402
+from denseflow_jax.model import DenseFlow  # noqa: E402
+from denseflow_jax.spec import spec_from_config  # noqa: E402
+
+SPEC = dataclasses.replace(
+    spec_from_config(default.get_config().model), image_shape=(32, 32, 3),
+    block_config=(2, 2, 1), layers_config=(2, 2, 4), mid_channels=(16, 16, 16), growth_rate=4)
 
 
 def terms(module, x, noise):

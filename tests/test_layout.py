@@ -113,6 +113,27 @@ def without_docstring(mods: Dict[str, pathlib.Path]) -> List[str]:
   return [name for name, path in mods.items() if not ast.get_docstring(ast.parse(path.read_text()))]
 
 
+# The modules that read the raw config (issue #20): the command line, the mode table, the
+# settings and their checks, the ablation rows and the checkpoint's record of the config.
+# Below them code takes the typed settings (settings.Settings) or plain arguments.
+CONFIG_READERS = {'denseflow_jax.main', 'denseflow_jax.modes', 'denseflow_jax.settings',
+                  'denseflow_jax.config_checks', 'denseflow_jax.ablation',
+                  'denseflow_jax.checkpoint'}
+MAX_CONFIG_FUNCTIONS = 4      # elsewhere: those that record or compare the config
+
+
+def functions_taking(parameter: str, mods: Dict[str, pathlib.Path]) -> List[str]:
+  """'module.function' of every function with a parameter named `parameter`."""
+  found = []
+  for name, path in mods.items():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        args = node.args
+        if parameter in [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]:
+          found.append(f'{name}.{node.name}')
+  return found
+
+
 def all_modules() -> Dict[str, pathlib.Path]:
   """The package's modules and the experiments' scripts."""
   return {**modules(PACKAGE), **modules(EXPERIMENTS)}
@@ -131,6 +152,12 @@ def test_imports_are_at_the_top_except_optional_dependencies(name):
 def test_modules_and_functions_fit_on_a_few_screens(root):
   assert long_modules(modules(root)) == {}
   assert long_functions(modules(root)) == {}
+
+
+def test_few_functions_below_the_modes_take_the_raw_config():
+  mods = {n: p for n, p in modules(PACKAGE).items() if n not in CONFIG_READERS}
+  found = functions_taking('config', mods)
+  assert len(found) <= MAX_CONFIG_FUNCTIONS, found
 
 
 @pytest.mark.parametrize('root', [PACKAGE, EXPERIMENTS], ids=lambda root: root.name)
@@ -156,6 +183,10 @@ def test_the_checks_find_a_cycle_and_a_late_import(tmp_path):
   assert misplaced_imports(pkg / 'b.py') == [(4, 'denseflow_jax.sub')]
   assert misplaced_imports(pkg / 'sub' / 'c.py') == [(5, 'json')]
   assert misplaced_imports(pkg / 'a.py') == []
+  (pkg / 'd.py').write_text('"""D."""\n\ndef f(config, x):\n  return x\n\n'
+                            'def g(settings, *, config=None):\n  return settings\n')
+  assert functions_taking('config', {'denseflow_jax.d': pkg / 'd.py'}) == [
+      'denseflow_jax.d.f', 'denseflow_jax.d.g']
 
 
 def test_the_checks_find_what_a_script_must_not_have(tmp_path):
