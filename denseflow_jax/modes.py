@@ -29,6 +29,7 @@ from denseflow_jax.ablation import finalize_config
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.files import unused_stem
 from denseflow_jax.loading import load_model, loaded_label
+from denseflow_jax.run_story import SAMPLES_DIR
 from denseflow_jax.settings import Settings
 from denseflow_jax.summary import format_table, parameter_table
 from denseflow_jax.train_step import eval_variables
@@ -81,7 +82,7 @@ def sample(config, s: Settings, workdir):
   images = sampling.sample_images(model, variables, jax.random.PRNGKey(s.run.seed), num,
                                   temperature, s.sample.batch_size)
   seconds = time.perf_counter() - start
-  out_dir = os.path.join(workdir, train_lib.SAMPLES_DIR)
+  out_dir = os.path.join(workdir, SAMPLES_DIR)
   os.makedirs(out_dir, exist_ok=True)
   stem = unused_stem(os.path.join(
       out_dir, f'samples_T{temperature:g}_n{num}_{loaded_label(loaded)}'), ('.png', '.npz'))
@@ -129,7 +130,7 @@ def train(config, s: Settings, workdir):
   model = model_lib.make_model(s.model)
   key = jax.random.PRNGKey(s.run.seed + 1)
   log_prob_fn = evaluate_lib.make_log_prob_fn(model)
-  samples_dir = os.path.join(workdir, train_lib.SAMPLES_DIR)
+  samples_dir = os.path.join(workdir, SAMPLES_DIR)
   # The periodic evaluation is the one-sample bound (k = 1), with eval's batches.
   periodic = dataclasses.replace(s.eval, k=1)
   test_split = functools.cache(lambda: _test_split(s))   # at the first evaluation, once

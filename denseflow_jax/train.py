@@ -34,10 +34,12 @@ import jax.numpy as jnp
 
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
+from denseflow_jax.console import Progress
 from denseflow_jax.errors import ConfigError, DataError, NonFiniteError, TrainingInterrupted
 from denseflow_jax.interrupt import stop_signals
-from denseflow_jax.console import Progress
-from denseflow_jax.metrics_log import METRICS_FILE, MetricsLog, MetricsWindow, read_events
+from denseflow_jax.metrics_log import MetricsLog, MetricsWindow
+from denseflow_jax.run_story import (compile_notice, finish_message, last_compile_seconds,
+                                     start_event)
 from denseflow_jax.settings import Settings, TrainSettings
 from denseflow_jax.sharding import BatchSplit, global_batch, make_mesh, replicated, split_batch
 from denseflow_jax.spec import ModelSpec
@@ -45,7 +47,6 @@ from denseflow_jax.train_step import (TrainState, all_finite, eval_variables, ma
                                       make_train_step, uses_ema)
 
 PRETRAINED_DIR = 'pretrained'
-SAMPLES_DIR = 'samples'        # where modes.train's sample grids go
 
 
 # ---------------------------------------------------------------------------
@@ -135,32 +136,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
     return _train_loop(_Run(
         config, workdir, s.train, s.eval.use_ema, s.run.seed, s.run.checkpoint, s.model, mesh,
         batch, checkpointer, latest, iterator, eval_fn, sample_fn))
-
-
-def _start_event(workdir, checkpoints, phase, latest, start_step, total_steps):
-  """(event, message): the first line a run prints, new, resumed or already finished."""
-  if start_step >= total_steps:
-    return 'already_finished', (
-        f'already finished at step {start_step} of {total_steps}: nothing to do '
-        f'(checkpoints in {checkpoints}, metrics in {workdir / METRICS_FILE})')
-  if latest is not None:
-    return 'resume', f'resuming from step {start_step} of {total_steps} (checkpoint {checkpoints})'
-  return 'start', f'starting a new run in {workdir}: {total_steps} steps ({phase})'
-
-
-def _finish_message(workdir, checkpoints, step, seconds, best_metric, last_value, meta) -> str:
-  """The last line a run prints: steps, time, last and best metric, where things are (only
-  what exists: a run that never sampled names no samples folder)."""
-  parts = [f'finished {step} steps in {seconds:.0f} s']
-  if last_value is not None:
-    parts.append(f'last {best_metric} {last_value:.4f}')
-  if meta.get('best') is not None:
-    parts.append(f'best {meta["best"]:.4f} at step {meta.get("best_step")} '
-                 f'({workdir / ckpt_lib.BEST_DIR})')
-  places = f'checkpoints in {checkpoints}, metrics in {workdir / METRICS_FILE}'
-  if (workdir / SAMPLES_DIR).is_dir():
-    places += f', samples in {workdir / SAMPLES_DIR}'
-  return '; '.join(parts) + '; ' + places
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,10 +283,10 @@ def _train_loop(run: _Run) -> TrainState:
     progress.total = total
     plan = _Plan(total, steps_per_epoch, t.log_every, t.checkpoint_every_steps,
                  t.eval_every_epochs, t.sample_every_epochs)
-    last_compile = _last_compile_seconds(run.workdir) if is_main else None
+    last_compile = last_compile_seconds(run.workdir) if is_main else None
     log = stack.enter_context(MetricsLog(run.workdir, start_step, is_main,
                                          console=progress.say))
-    log.event(start_step, *_start_event(run.workdir, directory, t.phase, run.latest,
+    log.event(start_step, *start_event(run.workdir, directory, t.phase, run.latest,
                                         start_step, total))
     if start_step >= total:
       return state
@@ -322,7 +297,7 @@ def _train_loop(run: _Run) -> TrainState:
     started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, run.latest
     previous, evaluated = None, False
     stop = stack.enter_context(stop_signals())
-    progress.say(_compile_notice(last_compile))
+    progress.say(compile_notice(last_compile))
     for batch in _batches(first_batch, run.iterator, local_shape):
       state, metrics = train_step(state, global_batch(batch, run.mesh), train_key)
       window.add(metrics)
@@ -359,35 +334,25 @@ def _train_loop(run: _Run) -> TrainState:
       if hooks:
         window.restart_clock()              # img/s measures training alone
       if stop['signal'] is not None and step < total:
-        if saved_step != step:
-          _save(run, step, state, meta)
-        run.checkpointer.wait()
-        interrupted = TrainingInterrupted(stop['signal'], step, directory)
-        log.event(step, 'interrupt', str(interrupted), echo=False)   # main prints it
-        raise interrupted
+        _stop(run, stop['signal'], step, state, meta, saved_step != step, log)
       if step >= total:
         break
     run.checkpointer.wait()
     progress.close()
-    log.event(step, 'finish', _finish_message(
+    log.event(step, 'finish', finish_message(
         run.workdir, directory, step, time.perf_counter() - started, t.best_metric,
         last_eval.get(t.best_metric), meta))
   return state
 
 
-def _last_compile_seconds(workdir) -> Optional[float]:
-  """How long the train step took to compile in this workdir's last run, if it said."""
-  events = read_events(workdir) if (workdir / METRICS_FILE).exists() else []
-  seconds = [float(e['seconds']) for e in events if e['event'] == 'compiled']
-  return seconds[-1] if seconds else None
-
-
-def _compile_notice(last_seconds: Optional[float]) -> str:
-  if last_seconds is not None:
-    return (f'compiling the train step (took {last_seconds:.0f} s last time in this '
-            'workdir)...')
-  return ('compiling the train step (once per run: about 45 s for configs/digits.py on 2 CPU '
-          'cores, about 6 min for DenseFlow-74-10 on an H200)...')
+def _stop(run: _Run, signal_name, step, state, meta, unsaved: bool, log) -> None:
+  """Checkpoints (if this step is not saved yet) and raises TrainingInterrupted."""
+  if unsaved:
+    _save(run, step, state, meta)
+  run.checkpointer.wait()
+  interrupted = TrainingInterrupted(signal_name, step, run.checkpointer.directory)
+  log.event(step, 'interrupt', str(interrupted), echo=False)   # main prints it
+  raise interrupted
 
 
 def _replicated_structs(tree, mesh):

@@ -157,8 +157,9 @@ def test_two_hosts_train_like_one_host(runs):
   # The story of each run, written once (by process 0), not once per process.
   events = {run: [(e['event'], e['step']) for e in metrics_log.read_events(run)]
             for run in (runs.multi, runs.single)}
-  assert events[runs.multi] == [('start', 0), ('finish', 2), ('resume', 2), ('finish', 3)]
-  assert events[runs.single] == [('start', 0), ('finish', 3)]
+  assert events[runs.multi] == [('start', 0), ('compiled', 1), ('finish', 2), ('resume', 2),
+                                ('compiled', 3), ('finish', 3)]
+  assert events[runs.single] == [('start', 0), ('compiled', 1), ('finish', 3)]
 
 
 def test_checkpoints_are_written_by_both_hosts(runs):

@@ -187,10 +187,12 @@ def test_sigterm_and_ctrl_c_checkpoint_and_say_how_to_resume(env, straight, tmp_
   assert_same_state(state, final_state(straight)[1])
   # metrics.jsonl tells the same story as the console, interruptions included.
   events = metrics_log.read_events(workdir)
+  # Each run also records when its train step had compiled (after its first step).
   assert [(e['event'], e['step']) for e in events] == [
-      ('start', 0), ('interrupt', stopped), ('resume', stopped), ('interrupt', resumed),
-      ('resume', resumed), ('finish', NUM_STEPS)], events
-  assert 'training stopped by SIGINT' in events[3]['message']
+      ('start', 0), ('compiled', 1), ('interrupt', stopped), ('resume', stopped),
+      ('compiled', stopped + 1), ('interrupt', resumed), ('resume', resumed),
+      ('compiled', resumed + 1), ('finish', NUM_STEPS)], events
+  assert 'training stopped by SIGINT' in events[5]['message']
   print(f'SIGTERM after step {stopped}, SIGINT after step {resumed}, resumed to {NUM_STEPS}')
 
 
