@@ -27,6 +27,7 @@ from denseflow_jax.settings import (DataSettings, EvalSettings, FidSettings, Lat
 from denseflow_jax.spec import spec_from_config
 from denseflow_jax.summary import format_table, parameter_table
 from denseflow_jax.train_step import eval_variables
+from denseflow_jax.workdir_lock import workdir_lock
 
 
 def summary(config, workdir=None):
@@ -201,6 +202,9 @@ def run(mode: str, config, workdir):
   if mode != 'summary' and not workdir:
     raise ConfigError(f'--workdir is required for --mode={mode}')
   spec_from_config(config.model)   # every model error before anything is loaded or compiled
-  if mode != 'summary':
-    check_workdir_writable(workdir)
-  return MODES[mode](config, workdir)
+  if mode == 'summary':     # reads nothing from a workdir: no lock
+    return MODES[mode](config, workdir)
+  check_workdir_writable(workdir)
+  # One run per workdir (workdir_lock.py): a second one is refused, naming the first.
+  with workdir_lock(workdir, mode, is_primary=jax.process_index() == 0):
+    return MODES[mode](config, workdir)
