@@ -35,6 +35,7 @@ Stdlib only, so it can be used (and tested) without importing JAX.
 import contextlib
 import datetime
 import errno
+import fcntl      # POSIX only (Linux, macOS), like the rest of the package
 import json
 import logging
 import os
@@ -42,11 +43,6 @@ import shlex
 import socket
 import sys
 import time
-
-try:
-  import fcntl
-except ImportError:     # Windows: no flock; the run proceeds unlocked (see _UNSUPPORTED)
-  fcntl = None
 
 from denseflow_jax.errors import ConfigError, WorkdirBusyError
 
@@ -198,12 +194,8 @@ def _same_file(fd, path) -> bool:
 
 
 def _try_flock(fd, path) -> bool:
-  """Takes the lock without waiting: True if taken, False if this platform or file system
-  cannot lock (a warning is logged); _Busy if the lock is held elsewhere."""
-  if fcntl is None:
-    _log.warning('no file locking on this platform: %s is not protected against a second '
-                 'run in the same workdir', path)
-    return False
+  """Takes the lock without waiting: True if taken, False if the file system cannot
+  lock (a warning is logged); _Busy if the lock is held elsewhere."""
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
