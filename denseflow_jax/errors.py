@@ -53,3 +53,8 @@ class TrainingInterrupted(DenseFlowError):
     super().__init__(f'training stopped by {signal_name} after step {step}; checkpoint saved '
                      f'in {directory}. Run the same command again (same --config, overrides '
                      'and --workdir) to resume from it.')
+
+
+class WorkdirBusyError(DenseFlowError, RuntimeError):
+  """Another run holds --workdir's lock (workdir_lock.py); the message names it (host, pid,
+  since when, mode and command) and the fix."""

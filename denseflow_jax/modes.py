@@ -33,6 +33,7 @@ from denseflow_jax.run_story import SAMPLES_DIR
 from denseflow_jax.settings import Settings
 from denseflow_jax.summary import format_table, parameter_table
 from denseflow_jax.train_step import eval_variables
+from denseflow_jax.workdir_lock import workdir_lock
 
 
 def _load_trained(config, s: Settings, workdir):
@@ -206,6 +207,9 @@ def run(mode: str, config, workdir):
   if spec.writes and not workdir:
     raise ConfigError(f'--workdir is required for --mode={mode}')
   settings = Settings.from_config(config, spec.sections)   # every check before a load
-  if spec.writes:
-    check_workdir_writable(workdir)
-  return spec.run(config, settings, workdir)
+  if not spec.writes:       # reads nothing from a workdir: no lock
+    return spec.run(config, settings, workdir)
+  check_workdir_writable(workdir)
+  # One run per workdir (workdir_lock.py): a second one is refused, naming the first.
+  with workdir_lock(workdir, mode, is_primary=jax.process_index() == 0):
+    return spec.run(config, settings, workdir)
