@@ -261,7 +261,7 @@ def test_second_training_command_on_a_busy_workdir_is_refused_in_one_line(tmp_pa
   finally:
     first.kill()
   events = [e['event'] for e in metrics_log.read_events(workdir)]
-  assert events == ['start', 'interrupt'], events    # one run only: no second start
+  assert events == ['start', 'compiled', 'interrupt'], events   # one run: no second start
 
 
 def test_sigkilled_training_run_does_not_block_the_next(tmp_path):
