@@ -10,6 +10,7 @@ mode then gets those typed settings; only the loaders of trained models
 config in its checkpoints) see the config itself. `main.py` reads its choices and its
 help from the same table.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,6 +20,7 @@ from typing import Any, Callable, Tuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from denseflow_jax import data, latent_tools, outputs, sampling
 from denseflow_jax import evaluate as evaluate_lib
@@ -26,7 +28,7 @@ from denseflow_jax import fid as fid_lib
 from denseflow_jax import model as model_lib
 from denseflow_jax import train as train_lib
 from denseflow_jax.ablation import finalize_config
-from denseflow_jax.errors import ConfigError
+from denseflow_jax.errors import ConfigError, DenseFlowError, WorkdirBusyError
 from denseflow_jax.files import unused_stem
 from denseflow_jax.loading import load_model, loaded_label
 from denseflow_jax.run_story import SAMPLES_DIR
@@ -210,6 +212,27 @@ def run(mode: str, config, workdir):
   if not spec.writes:       # reads nothing from a workdir: no lock
     return spec.run(config, settings, workdir)
   check_workdir_writable(workdir)
-  # One run per workdir (workdir_lock.py): a second one is refused, naming the first.
-  with workdir_lock(workdir, mode, is_primary=jax.process_index() == 0):
+  with _one_run(workdir, mode):
     return spec.run(config, settings, workdir)
+
+
+@contextlib.contextmanager
+def _one_run(workdir, mode: str):
+  """One run per workdir (workdir_lock.py): process 0 takes the lock and tells the other
+  processes of a multi-host job whether it could, so that a refused job stops on every
+  host (not only on process 0, leaving the others waiting at their first collective)."""
+  with contextlib.ExitStack() as stack:
+    refused = None
+    try:
+      stack.enter_context(workdir_lock(workdir, mode, is_primary=jax.process_index() == 0))
+    except DenseFlowError as error:
+      refused = error
+    if jax.process_count() > 1:
+      taken = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+      if not taken and refused is None:
+        refused = WorkdirBusyError(
+            f'--workdir {workdir}: process 0 of this job could not take the workdir lock '
+            '(its error line says why, e.g. another run holding it); every process stops')
+    if refused is not None:
+      raise refused
+    yield

@@ -40,6 +40,7 @@ import pytest
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import sharding
 from denseflow_jax import metrics_log
+from denseflow_jax.workdir_lock import workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / 'tests' / 'multihost_worker.py'
@@ -198,3 +199,28 @@ def test_make_mesh_orders_devices_process_major(monkeypatch):
   order, so only this check catches a make_mesh that stops calling it)."""
   monkeypatch.setattr(sharding, 'process_major', lambda devices: list(reversed(devices)))
   assert list(sharding.make_mesh().devices) == list(reversed(jax.devices()))
+
+
+def test_a_job_on_a_busy_workdir_stops_on_every_host(tmp_path):
+  """Process 0 is refused the workdir lock (held here, as by another run): it says so in
+  one error line, and process 1 stops too instead of waiting at its first collective."""
+  workdir, logs = tmp_path / 'busy', tmp_path / 'logs'
+  logs.mkdir()
+  port = free_port()
+  with workdir_lock(workdir, 'train'):
+    workers = [start(f'process_{i}', 4, workdir, logs,
+                     ['--multihost', f'--coordinator_address=127.0.0.1:{port}',
+                      '--num_processes=2', f'--process_id={i}'])
+               for i in range(2)]
+    try:
+      codes = [w.proc.wait(timeout=WORKER_TIMEOUT_S) for w in workers]
+    finally:
+      for w in workers:
+        if w.proc.poll() is None:
+          w.proc.kill()
+        w.log.close()
+  outputs = [w.path.read_text() for w in workers]
+  assert codes == [1, 1], outputs
+  assert f'error: --workdir {workdir} is in use by pid {os.getpid()}' in outputs[0], outputs[0]
+  assert 'process 0 of this job could not take the workdir lock' in outputs[1], outputs[1]
+  assert not (workdir / metrics_log.METRICS_FILE).exists()
