@@ -26,9 +26,9 @@ from denseflow_jax import fid as fid_lib
 from denseflow_jax import model as model_lib
 from denseflow_jax import train as train_lib
 from denseflow_jax.ablation import finalize_config
-from denseflow_jax.errors import ConfigError
+from denseflow_jax.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from denseflow_jax.files import unused_stem
-from denseflow_jax.loading import load_model, loaded_label
+from denseflow_jax.loading import load_model, loaded_label, write_data_record
 from denseflow_jax.settings import Settings
 from denseflow_jax.summary import format_table, parameter_table
 from denseflow_jax.train_step import eval_variables
@@ -85,7 +85,8 @@ def sample(config, s: Settings, workdir):
   os.makedirs(out_dir, exist_ok=True)
   stem = unused_stem(os.path.join(
       out_dir, f'samples_T{temperature:g}_n{num}_{loaded_label(loaded)}'), ('.png', '.npz'))
-  outputs.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits)
+  outputs.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits,
+                           top=loaded['data_top_level'])
   outputs.save_samples_npz(stem + '.npz', images, temperature, seconds)
   print(f'{num} samples at temperature {temperature:g} in {seconds:.2f} s '
         f'(including compilation) -> {stem}.png, {stem}.npz')
@@ -134,7 +135,17 @@ def train(config, s: Settings, workdir):
   periodic = dataclasses.replace(s.eval, k=1)
   test_split = functools.cache(lambda: _test_split(s))   # at the first evaluation, once
 
+  @functools.cache
+  def data_top():
+    """The training data's top level (grids show it as white), recorded in
+    WORKDIR/training_data.json for the later modes once training runs (first hook, or
+    the end of train_and_evaluate): a run refused at its start leaves the workdir as it was."""
+    top, how = data.train_top_level(s.data, s.model.image_shape, s.model.num_bits)
+    write_data_record(workdir, s.data.dataset, s.model.num_bits, top, how)
+    return top
+
   def eval_fn(state, step):
+    data_top()
     variables = eval_variables(state, s.eval.use_ema)
     result = evaluate_lib.evaluate_dataset(model, variables, test_split(), key, periodic,
                                            prefetch=s.data.prefetch, log_prob_fn=log_prob_fn,
@@ -147,10 +158,16 @@ def train(config, s: Settings, workdir):
                                     s.sample.num, s.sample.temperature, s.sample.batch_size)
     os.makedirs(samples_dir, exist_ok=True)
     outputs.save_sample_grid(os.path.join(samples_dir, f'step_{step:08d}.png'), images,
-                             num_bits=model.spec.num_bits)
+                             num_bits=model.spec.num_bits, top=data_top())
 
-  return train_lib.train_and_evaluate(config, workdir, eval_fn=eval_fn, sample_fn=sample_fn,
-                                      settings=s)
+  try:
+    state = train_lib.train_and_evaluate(config, workdir, eval_fn=eval_fn,
+                                         sample_fn=sample_fn, settings=s)
+  except (TrainingInterrupted, NonFiniteError):
+    data_top()          # training ran: its checkpoints belong to this data
+    raise
+  data_top()
+  return state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,10 @@ import sys
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
-from denseflow_jax import loading, metrics_log, modes, sampling
+from denseflow_jax import loading, metrics_log, modes, outputs, sampling
 from helpers import GLOW, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,6 +120,17 @@ def test_digits_train_resume_eval_sample(tmp_path, capsys):
   config = tiny('digits', 'digits', (8, 8, 1), 5)
   ckpts = run_all_modes(config, tmp_path, capsys)
   assert ckpts, 'no checkpoint written'
+  # Training recorded the digits' top level (16 of the 5-bit model's 31), load_model reads
+  # it back without the data, and --mode sample's grid shows level 16 as white.
+  assert json.loads((tmp_path / loading.DATA_RECORD_FILE).read_text())['top_level'] == 16
+  assert loading.load_model(config, str(tmp_path), True)[2]['data_top_level'] == 16
+  with np.load(tmp_path / 'samples' / 'samples_T1_n4_latest_raw.npz') as f:
+    images = f['images']                                   # the raw levels, unscaled
+  picture = np.asarray(Image.open(tmp_path / 'samples' / 'samples_T1_n4_latest_raw.png'))
+  want = outputs.make_grid(images, 5, top=16)[..., 0]
+  scale = picture.shape[1] // want.shape[1]
+  np.testing.assert_array_equal(picture[::scale, ::scale], want)
+  assert not np.array_equal(want, outputs.make_grid(images, 5)[..., 0])   # not 31 -> 255
 
 
 def test_cifar10_through_tfds_mock_data(tmp_path):

@@ -5,6 +5,7 @@ of training settings, so the train step compiles once for the 8-device mesh (cac
 train_step.make_train_step) and once for the 1-device comparison.
 """
 import dataclasses
+import json
 import logging
 import math
 
@@ -17,8 +18,10 @@ from sklearn.datasets import load_digits
 from configs import default
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import loading
 from denseflow_jax import metrics_log
 from denseflow_jax import modes
+from denseflow_jax import outputs
 from denseflow_jax import sharding
 from denseflow_jax import train
 from denseflow_jax import train_step
@@ -318,6 +321,42 @@ def test_periodic_evaluation_loads_the_test_split_once(config, tmp_path, compile
   evals = [r['step'] for r in metrics_log.read_metrics(tmp_path / 'run') if 'test_bpd' in r]
   assert evals == [3, 4]
   assert loads.count('test') == 1, loads
+
+def test_train_records_the_data_top_level_for_its_grids(config, tmp_path, compiled,
+                                                       monkeypatch):
+  """--mode train records the train array's largest value (npz) in the workdir, its periodic
+  grids use it, and a later load reads it back."""
+  del compiled
+  tops = []
+  save_grid = outputs.save_sample_grid
+
+  def spying_save_grid(*args, top=None, **kwargs):
+    tops.append(top)
+    return save_grid(*args, top=top, **kwargs)
+
+  monkeypatch.setattr(outputs, 'save_sample_grid', spying_save_grid)
+  config.eval.batch_size = BATCH
+  workdir = tmp_path / 'run'
+  with np.load(config.data.source) as f:
+    want = int(f['train'].max())
+  modes.run('train', config, str(workdir))
+  assert tops == [want] and (workdir / 'samples' / 'step_00000003.png').is_file()
+  record = json.loads((workdir / loading.DATA_RECORD_FILE).read_text())
+  assert record == {'dataset': 'npz', 'num_bits': 5, 'top_level': want,
+                    'how': 'the largest value of the npz train array'}
+  _, _, loaded = loading.load_model(config, str(workdir), use_ema=True)
+  assert (loaded['parameters'], loaded['data_top_level']) == ('ema', want)
+
+
+def test_refused_run_writes_no_record(config, tmp_path, compiled):
+  """A run refused at its start (here: a fine-tune without a trained model) leaves no
+  training_data.json behind."""
+  del compiled
+  config.train.phase = 'finetune'
+  with pytest.raises(ConfigError, match='needs a trained model'):
+    modes.run('train', config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / loading.DATA_RECORD_FILE).exists()
+
 
 def test_nonfinite_run_stops_without_checkpoint(config, tmp_path, compiled):
   variables = jax.tree.map(np.array, compiled['variables'])
