@@ -13,6 +13,13 @@ and returns what it read as ``loaded``: ``{'checkpoint', 'which', 'step', 'param
 not say). Result files carry ``loaded`` in their JSON and :func:`loaded_label`
 ('latest_ema', 'best_raw', 'checkpoint', ...) at the end of their name.
 
+With ``eval.use_ema=True`` and variables that hold no EMA parameters (a run with
+``train.ema_decay=0``, or a WORKDIR/best saved from the raw parameters) it prints one
+``note:`` line on stderr (:func:`no_ema_note`) and uses the raw parameters, which the
+result files call ``raw``. It does so with the defaults too (``eval.use_ema=True``,
+``train.ema_decay=0``): one line per load, and exactly the case where a user may believe
+the EMA parameters were evaluated.
+
 ``data_top_level`` is the largest value of the training images (16 for the digits),
 which the grids show as white (outputs.py), or None where nothing recorded it (runs from
 before the record, converted official models): ``--mode train`` writes it to
@@ -27,6 +34,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 from typing import Optional
 
 import jax
@@ -73,9 +81,23 @@ def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
   if which == 'best' and not use_ema and info['parameters'] == 'ema':
     logging.warning('%s holds the EMA parameters (training ran with eval.use_ema=True); '
                     'eval.use_ema=False does not change that', best)
+  if use_ema and info['parameters'] == 'raw' and jax.process_index() == 0:
+    print(no_ema_note(source), file=sys.stderr, flush=True)
   top = read_data_top_level(source, model.spec.num_bits)
   return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info,
                             'data_top_level': top}
+
+
+def no_ema_note(source) -> str:
+  """The line load_model prints when eval.use_ema=True finds no EMA parameters."""
+  source = os.path.abspath(source)
+  if os.path.isdir(os.path.join(source, ckpt_lib.VARIABLES_DIR)):   # best/, saved variables
+    why = ('saved from the raw parameters: training ran with train.ema_decay=0 or '
+           'eval.use_ema=False')
+  else:                                                             # a training checkpoint
+    why = 'trained with train.ema_decay=0'
+  return (f'note: eval.use_ema=True but {source} holds no EMA parameters ({why}); using the '
+          'raw parameters')
 
 
 # ---------------------------------------------------------------- the data's top level

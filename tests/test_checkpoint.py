@@ -185,3 +185,26 @@ def test_data_top_level_is_read_from_the_run_or_falls_back(tmp_path, caplog):
   assert 'does not fit this 5-bit model' in caplog.text
   (workdir / loading.DATA_RECORD_FILE).write_text('{"top_')
   assert top() is None
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_ema_asked_for_but_absent_is_said_on_stderr(tmp_path, capsys, ema):
+  """eval.use_ema=True on a checkpoint without EMA parameters: one line on stderr, for the
+  latest checkpoint and for a WORKDIR/best saved from the raw parameters; nothing when the
+  EMA parameters exist or when they were not asked for."""
+  workdir = tmp_path / 'run'
+  config = _fake_run(workdir, ema=ema)
+  for which in ('latest', 'best'):
+    for use_ema in (False, True):
+      _, _, loaded = loading.load_model(config, str(workdir), use_ema=use_ema, which=which)
+      err = capsys.readouterr().err
+      if use_ema and not ema:
+        assert loaded['parameters'] == 'raw'
+        assert err.splitlines() == [loading.no_ema_note(loaded['checkpoint'])], err
+      else:
+        assert 'note:' not in err, err
+  if not ema:
+    assert loading.no_ema_note(workdir) == (
+        f'note: eval.use_ema=True but {workdir} holds no EMA parameters (trained with '
+        'train.ema_decay=0); using the raw parameters')
+    assert 'eval.use_ema=False' in loading.no_ema_note(workdir / ckpt_lib.BEST_DIR)

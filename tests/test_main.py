@@ -120,6 +120,11 @@ def test_digits_train_resume_eval_sample(tmp_path, capsys):
   config = tiny('digits', 'digits', (8, 8, 1), 5)
   ckpts = run_all_modes(config, tmp_path, capsys)
   assert ckpts, 'no checkpoint written'
+  # eval.use_ema=True (the default) on a run without EMA (train.ema_decay=0, the default):
+  # the modes that loaded the model said so on stderr.
+  note = (f'note: eval.use_ema=True but {tmp_path} holds no EMA parameters (trained with '
+          'train.ema_decay=0); using the raw parameters')
+  assert note in capsys.readouterr().err.splitlines()
   # Training recorded the digits' top level (16 of the 5-bit model's 31), load_model reads
   # it back without the data, and --mode sample's grid shows level 16 as white.
   assert json.loads((tmp_path / loading.DATA_RECORD_FILE).read_text())['top_level'] == 16

@@ -323,9 +323,10 @@ def test_periodic_evaluation_loads_the_test_split_once(config, tmp_path, compile
   assert loads.count('test') == 1, loads
 
 def test_train_records_the_data_top_level_for_its_grids(config, tmp_path, compiled,
-                                                       monkeypatch):
+                                                       monkeypatch, capsys):
   """--mode train records the train array's largest value (npz) in the workdir, its periodic
-  grids use it, and a later load reads it back."""
+  grids use it, and a later load reads it back; with EMA kept, eval.use_ema=True says
+  nothing."""
   del compiled
   tops = []
   save_grid = outputs.save_sample_grid
@@ -344,8 +345,10 @@ def test_train_records_the_data_top_level_for_its_grids(config, tmp_path, compil
   record = json.loads((workdir / loading.DATA_RECORD_FILE).read_text())
   assert record == {'dataset': 'npz', 'num_bits': 5, 'top_level': want,
                     'how': 'the largest value of the npz train array'}
+  capsys.readouterr()
   _, _, loaded = loading.load_model(config, str(workdir), use_ema=True)
   assert (loaded['parameters'], loaded['data_top_level']) == ('ema', want)
+  assert 'note:' not in capsys.readouterr().err
 
 
 def test_refused_run_writes_no_record(config, tmp_path, compiled):
