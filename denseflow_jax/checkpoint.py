@@ -50,6 +50,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 VARIABLES_DIR = 'variables'
 CONFIG_FILE = 'config.json'
 METADATA_FILE = 'metadata.json'
+PRETRAINED_DIR = 'pretrained'    # WORKDIR/pretrained: a fine-tune's starting variables
 BEST_DIR = 'best'                # WORKDIR/best: the variables at the best periodic test bpd
 ORBAX_METADATA_FILE = '_CHECKPOINT_METADATA'
 TRAIN_ITEMS = ('state', 'data', 'config', 'meta')

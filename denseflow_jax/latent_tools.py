@@ -186,7 +186,7 @@ def interpolate(test, settings: LatentSettings, seed: int, workdir, load_model: 
       _out_dir(workdir), f'interpolate_{method}_{pairs_name}_{loaded_label(loaded)}'),
       ('.png', '.npz'))
   outputs.save_sample_grid(stem + '.png', images.reshape(-1, *shape[2:]), model.spec.num_bits,
-                           ncols=steps)
+                           ncols=steps, top=loaded.get('data_top_level'))
   write_npz_atomic(stem + '.npz', images=images, continuous=continuous, originals=originals,
                    indices=pairs, t=np.linspace(0.0, 1.0, steps), weights=weights,
                    method=np.array(method))
@@ -254,7 +254,7 @@ def reconstruct(test, settings: LatentSettings, seed: int, workdir, load_model: 
   outputs.save_sample_grid(
       stem + '.png',
       _alternating_rows(originals, reconstructions, ncols, model.spec.num_bits),
-      model.spec.num_bits, ncols=ncols)
+      model.spec.num_bits, ncols=ncols, top=loaded.get('data_top_level'))
   write_npz_atomic(stem + '.npz', originals=originals,
                    reconstructions=reconstructions, continuous=y.astype(np.float32),
                    continuous_reconstructed=y_rec)
@@ -282,7 +282,8 @@ def sweep(settings: LatentSettings, seed: int, workdir, load_model: LoadModel,
       ('.png', '.npz'))
   images = sampling.temperature_sweep(model, variables, jax.random.PRNGKey(seed),
                                      temperatures, per_row, batch_size)
-  outputs.save_sample_grid(stem + '.png', images, model.spec.num_bits, ncols=per_row)
+  outputs.save_sample_grid(stem + '.png', images, model.spec.num_bits, ncols=per_row,
+                           top=loaded.get('data_top_level'))
   write_npz_atomic(stem + '.npz',
                    images=images.reshape(len(temperatures), per_row, *images.shape[1:]),
                    temperatures=np.asarray(temperatures))

@@ -8,19 +8,38 @@ sample, the latent tools, fid). It reads, in this order of precedence:
                                the best periodic test bits/dim of training    'best'
     WORKDIR/checkpoints/<N>    the latest training checkpoint (default)       'latest'
 
-and returns what it read as ``loaded``: ``{'checkpoint', 'which', 'step', 'parameters'}``
-('ema' or 'raw'; step and parameters None where a checkpoint does not say). Result
-files carry ``loaded`` in their JSON and :func:`loaded_label` ('latest_ema', 'best_raw',
-'checkpoint', ...) at the end of their name.
+and returns what it read as ``loaded``: ``{'checkpoint', 'which', 'step', 'parameters',
+'data_top_level'}`` ('ema' or 'raw'; step and parameters None where a checkpoint does
+not say). Result files carry ``loaded`` in their JSON and :func:`loaded_label`
+('latest_ema', 'best_raw', 'checkpoint', ...) at the end of their name.
+
+With ``eval.use_ema=True`` and variables that hold no EMA parameters (a run with
+``train.ema_decay=0``, or a WORKDIR/best saved from the raw parameters) it prints one
+``note:`` line on stderr (:func:`no_ema_note`) and uses the raw parameters, which the
+result files call ``raw``. It does so with the defaults too (``eval.use_ema=True``,
+``train.ema_decay=0``): one line per load, and exactly the case where a user may believe
+the EMA parameters were evaluated.
+
+``data_top_level`` is the largest value of the training images (16 for the digits),
+which the grids show as white (outputs.py), or None where nothing recorded it (runs from
+before the record, converted official models): ``--mode train`` writes it to
+``WORKDIR/training_data.json`` (training_data.py) once its start checks pass, and
+``training_data.read_data_top_level`` reads it from the directory the variables come from, or
+from the training workdir around it (its best/, pretrained/ or checkpoints/), without
+loading any data.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
+
+import jax
 
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import model as model_lib
 from denseflow_jax.errors import CheckpointError, ConfigError
+from denseflow_jax.training_data import read_data_top_level
 
 
 def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
@@ -54,7 +73,23 @@ def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
   if which == 'best' and not use_ema and info['parameters'] == 'ema':
     logging.warning('%s holds the EMA parameters (training ran with eval.use_ema=True); '
                     'eval.use_ema=False does not change that', best)
-  return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info}
+  if use_ema and info['parameters'] == 'raw' and jax.process_index() == 0:
+    print(no_ema_note(source), file=sys.stderr, flush=True)
+  top = read_data_top_level(source, model.spec.num_bits)
+  return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info,
+                            'data_top_level': top}
+
+
+def no_ema_note(source) -> str:
+  """The line load_model prints when eval.use_ema=True finds no EMA parameters."""
+  source = os.path.abspath(source)
+  if os.path.isdir(os.path.join(source, ckpt_lib.VARIABLES_DIR)):   # best/, saved variables
+    why = ('saved from the raw parameters: training ran with train.ema_decay=0 or '
+           'eval.use_ema=False')
+  else:                                                             # a training checkpoint
+    why = 'trained with train.ema_decay=0'
+  return (f'note: eval.use_ema=True but {source} holds no EMA parameters ({why}); using the '
+          'raw parameters')
 
 
 def loaded_label(loaded) -> str:

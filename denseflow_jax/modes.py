@@ -35,6 +35,7 @@ from denseflow_jax.run_story import SAMPLES_DIR
 from denseflow_jax.settings import Settings
 from denseflow_jax.summary import format_table, parameter_table
 from denseflow_jax.train_step import eval_variables
+from denseflow_jax.training_data import read_data_top_level
 from denseflow_jax.workdir_lock import workdir_lock
 
 
@@ -89,7 +90,8 @@ def sample(config, s: Settings, workdir):
   os.makedirs(out_dir, exist_ok=True)
   stem = unused_stem(os.path.join(
       out_dir, f'samples_T{temperature:g}_n{num}_{loaded_label(loaded)}'), ('.png', '.npz'))
-  outputs.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits)
+  outputs.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits,
+                           top=loaded['data_top_level'])
   outputs.save_samples_npz(stem + '.npz', images, temperature, seconds)
   print(f'{num} samples at temperature {temperature:g} in {seconds:.2f} s '
         f'(including compilation) -> {stem}.png, {stem}.npz')
@@ -151,7 +153,8 @@ def train(config, s: Settings, workdir):
                                     s.sample.num, s.sample.temperature, s.sample.batch_size)
     os.makedirs(samples_dir, exist_ok=True)
     outputs.save_sample_grid(os.path.join(samples_dir, f'step_{step:08d}.png'), images,
-                             num_bits=model.spec.num_bits)
+                             num_bits=model.spec.num_bits,
+                             top=read_data_top_level(workdir, model.spec.num_bits))
 
   return train_lib.train_and_evaluate(config, workdir, eval_fn=eval_fn, sample_fn=sample_fn,
                                       settings=s)

@@ -43,10 +43,10 @@ from denseflow_jax.run_story import (compile_notice, finish_message, last_compil
 from denseflow_jax.settings import Settings, TrainSettings
 from denseflow_jax.sharding import BatchSplit, global_batch, make_mesh, replicated, split_batch
 from denseflow_jax.spec import ModelSpec
+from denseflow_jax.training_data import write_data_record
 from denseflow_jax.train_step import (TrainState, all_finite, eval_variables, make_state_init,
                                       make_train_step, uses_ema)
 
-PRETRAINED_DIR = 'pretrained'
 
 
 # ---------------------------------------------------------------------------
@@ -132,6 +132,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
     source = data_lib.load_split(s.data, 'train', s.model.image_shape, s.model.num_bits)
     iterator = data_lib.make_train_iterator(s.data, source, s.model.image_shape, batch,
                                             s.run.seed)
+    # What later modes need of the data (the grids' white), now that the run will start.
+    write_data_record(workdir, s.data.dataset, s.model.num_bits,
+                      *data_lib.train_top_level(s.data, s.model.image_shape, s.model.num_bits))
     cleanup.callback(iterator.close)
     return _train_loop(_Run(
         config, workdir, s.train, s.eval.use_ema, s.run.seed, s.run.checkpoint, s.model, mesh,
@@ -206,8 +209,8 @@ def _plan_phase(run: _Run, state, start_step, meta):
   else:
     finetune_start = start_step
     if run.latest is not None:
-      logging.info('saving the pretrained variables to %s', run.workdir / PRETRAINED_DIR)
-      ckpt_lib.save_variables(run.workdir / PRETRAINED_DIR, eval_variables(state, use_ema=False),
+      logging.info('saving the pretrained variables to %s', run.workdir / ckpt_lib.PRETRAINED_DIR)
+      ckpt_lib.save_variables(run.workdir / ckpt_lib.PRETRAINED_DIR, eval_variables(state, use_ema=False),
                               run.config, {'step': start_step})
   length = t.num_steps if t.num_steps > 0 else t.finetune_epochs * steps_per_epoch
   return finetune_start + length, dict(meta, phase='finetune', finetune_start_step=finetune_start)

@@ -9,6 +9,7 @@ import pytest
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import loading
+from denseflow_jax import training_data
 from denseflow_jax import train
 from denseflow_jax import train_step
 from helpers import assert_trees_equal, fake_state, random_variables, tiny_config
@@ -141,5 +142,70 @@ def test_load_model_says_what_it_loaded_from_config_checkpoint(tmp_path):
     _, got, loaded = loading.load_model(config, str(tmp_path / 'unused'), use_ema=False)
     assert_trees_equal(got, variables)
     assert loaded == {'checkpoint': str(tmp_path / name), 'which': 'config.checkpoint',
-                      'step': step, 'parameters': parameters}
+                      'step': step, 'parameters': parameters, 'data_top_level': None}
     assert loading.loaded_label(loaded) == label
+
+
+def _fake_run(workdir, ema: bool):
+  """A training workdir with one checkpoint (EMA parameters or none) and WORKDIR/best."""
+  config = tiny_config()
+  checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=3)
+  checkpointer.save(2, fake_state(random_variables(), ema=ema, step=2), {}, config,
+                    {'phase': 'pretrain'})
+  checkpointer.wait()
+  checkpointer.close()
+  ckpt_lib.save_variables(workdir / ckpt_lib.BEST_DIR, random_variables(), config,
+                          {'step': 2, 'parameters': 'ema' if ema else 'raw'})
+  return config
+
+
+def test_data_top_level_is_read_from_the_run_or_falls_back(tmp_path, caplog):
+  """The top level --mode train records in WORKDIR/training_data.json reaches load_model for
+  the latest checkpoint, WORKDIR/best and a --config.checkpoint into the run; without the
+  record (old runs, converted models) or with one of another num_bits it is None, and the
+  grids fall back to 2^bits - 1."""
+  workdir = tmp_path / 'run'
+  config = _fake_run(workdir, ema=False)
+  ckpt_lib.save_variables(tmp_path / 'converted', random_variables(), config)
+
+  def top(which='latest', checkpoint=''):
+    config.checkpoint = checkpoint
+    return loading.load_model(config, str(workdir), use_ema=False, which=which)[2][
+        'data_top_level']
+
+  assert top() is None and top('best') is None               # no record: the fallback
+  training_data.write_data_record(workdir, 'digits', 5, 16, 'digits: values 0..16')
+  assert json.loads((workdir / training_data.DATA_RECORD_FILE).read_text())['top_level'] == 16
+  assert top() == 16 and top('best') == 16
+  assert top(checkpoint=str(workdir / ckpt_lib.BEST_DIR)) == 16
+  assert top(checkpoint=str(workdir / ckpt_lib.CHECKPOINTS_DIR)) == 16
+  assert top(checkpoint=str(tmp_path / 'converted')) is None
+  training_data.write_data_record(workdir, 'npz', 4, 12, 'the largest value of the npz train array')
+  with caplog.at_level('WARNING'):
+    assert top() is None
+  assert 'does not fit this 5-bit model' in caplog.text
+  (workdir / training_data.DATA_RECORD_FILE).write_text('{"top_')
+  assert top() is None
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_ema_asked_for_but_absent_is_said_on_stderr(tmp_path, capsys, ema):
+  """eval.use_ema=True on a checkpoint without EMA parameters: one line on stderr, for the
+  latest checkpoint and for a WORKDIR/best saved from the raw parameters; nothing when the
+  EMA parameters exist or when they were not asked for."""
+  workdir = tmp_path / 'run'
+  config = _fake_run(workdir, ema=ema)
+  for which in ('latest', 'best'):
+    for use_ema in (False, True):
+      _, _, loaded = loading.load_model(config, str(workdir), use_ema=use_ema, which=which)
+      err = capsys.readouterr().err
+      if use_ema and not ema:
+        assert loaded['parameters'] == 'raw'
+        assert err.splitlines() == [loading.no_ema_note(loaded['checkpoint'])], err
+      else:
+        assert 'note:' not in err, err
+  if not ema:
+    assert loading.no_ema_note(workdir) == (
+        f'note: eval.use_ema=True but {workdir} holds no EMA parameters (trained with '
+        'train.ema_decay=0); using the raw parameters')
+    assert 'eval.use_ema=False' in loading.no_ema_note(workdir / ckpt_lib.BEST_DIR)

@@ -102,6 +102,22 @@ def test_npz_happy_path(id_npz):
 
 
 
+def test_train_top_level_of_each_kind_of_data(id_npz, tmp_path):
+  """The largest value of the training images (what grids show as white): 16 for the
+  digits without loading them, the train array's maximum for 'npz' (not the test
+  split's), 2**num_bits - 1 for image files and TFDS; None for an all-zero array."""
+  assert data.train_top_level(data_config().data, (8, 8, 1), 5)[0] == 16
+  npz = data_config('npz', id_npz, image_shape=(4, 4, 1), num_bits=7)
+  assert data.train_top_level(npz.data, (4, 4, 1), 7)[0] == 49     # train 0..49, test 100..
+  for dataset, source in (('folder', str(tmp_path)), ('cifar10', '')):
+    config = data_config(dataset, source, image_shape=(4, 4, 1), num_bits=5)
+    assert data.train_top_level(config.data, (4, 4, 1), 5)[0] == 31
+  np.savez(tmp_path / 'zeros.npz', train=np.zeros((3, 4, 4, 1), np.uint8),
+           test=np.zeros((1, 4, 4, 1), np.uint8))
+  zeros = data_config('npz', str(tmp_path / 'zeros.npz'), image_shape=(4, 4, 1), num_bits=5)
+  assert data.train_top_level(zeros.data, (4, 4, 1), 5)[0] is None
+
+
 def test_load_split_checks_what_the_call_asks_for(id_npz):
   """The image shape and bits passed are checked; None skips that check."""
   config = data_config('npz', id_npz, image_shape=(4, 4, 1), num_bits=8)

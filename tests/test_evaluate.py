@@ -247,6 +247,29 @@ def test_sample_grid_layout(tmp_path, channels, num_bits):
   assert np.all(grid[mask] == 255)   # padding and the empty sixth cell
 
 
+def test_grids_show_the_data_top_level_as_white(tmp_path):
+  """top=16 (the digits): level 16 -> 255, levels above saturate; top None: 2^bits - 1."""
+  levels = np.array([0, 8, 16, 17, 31], np.uint8).reshape(5, 1, 1, 1)
+  np.testing.assert_array_equal(outputs.to_display(levels, 5, top=16).ravel(),
+                                [0, 128, 255, 255, 255])
+  np.testing.assert_array_equal(outputs.to_display(levels, 5).ravel(),   # 31 is white
+                                [0, 66, 132, 140, 255])
+  outputs.save_sample_grid(tmp_path / 'g16.png', levels, num_bits=5, ncols=5, padding=0,
+                           min_width=1, top=16)
+  picture = np.asarray(Image.open(tmp_path / 'g16.png'))
+  assert picture.tolist() == [[0, 128, 255, 255, 255]]
+  outputs.save_sample_grid(tmp_path / 'g.png', levels[:3], num_bits=5, ncols=3, padding=0,
+                           min_width=1)
+  assert np.asarray(Image.open(tmp_path / 'g.png')).tolist() == [[0, 66, 132]]
+  eight_bit = np.array([0, 100, 200, 255], np.uint8).reshape(4, 1, 1, 1)
+  np.testing.assert_array_equal(outputs.to_display(eight_bit, 8), eight_bit)
+  np.testing.assert_array_equal(outputs.to_display(eight_bit, 8, top=200).ravel(),
+                                [0, 128, 255, 255])
+  for bad in (0, 32):
+    with pytest.raises(ValueError, match='not in 1..31'):
+      outputs.to_display(levels, 5, top=bad)
+
+
 def test_small_grids_are_enlarged_by_a_whole_factor(tmp_path):
   """A 3x3 grid of 8x8 images (28 px wide) becomes 19x larger (532 >= 512 px): each pixel a
   19x19 block of the same value."""

@@ -9,6 +9,7 @@ latents and slerp weights in numpy, the images straight from the data set.
 import copy
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from denseflow_jax import checkpoint, data, latent_tools, modes
+from denseflow_jax import checkpoint, data, latent_tools, modes, training_data
 from denseflow_jax.model import DenseFlow, draw_noise, init_variables, make_model
 from denseflow_jax.errors import ConfigError
 from helpers import tiny_config
@@ -222,6 +223,24 @@ def test_reconstruct_reports_the_independent_error(tiny):
   np.testing.assert_array_equal(tile(2, 0), np.round(x[3, ..., 0].astype(int) * 255 / 31))
   np.testing.assert_array_equal(tile(3, 0), display[3])
   assert np.all(tile(2, 1) == 255) and np.all(tile(3, 2) == 255)
+
+
+def test_latent_grids_use_the_recorded_top_level(tiny, tmp_path):
+  """A checkpoint with a training record (top level 16): the reconstruct grid shows level 16
+  as white (the test above, without a record, divides by 31); the .npz keeps the levels."""
+  config = copy.deepcopy(tiny[0])
+  shutil.copytree(config.checkpoint, tmp_path / 'ckpt16')
+  training_data.write_data_record(tmp_path / 'ckpt16', 'digits', NUM_BITS, 16, 'digits: values 0..16')
+  config.checkpoint = str(tmp_path / 'ckpt16')
+  modes.run('reconstruct', config, str(tmp_path / 'work'))
+  out = tmp_path / 'work' / 'latent'
+  grid = np.asarray(Image.open(out / 'reconstruct_n4_checkpoint.png'))[::19, ::19]
+  x = digits_test_images(BATCH)
+  tile = grid[1:9, 1 + 9 * 2:9 + 9 * 2]                              # row 0, column 2: x[2]
+  np.testing.assert_array_equal(tile, np.round(x[2, ..., 0].astype(int) * 255 / 16))
+  assert x[2].max() == 16 and tile.max() == 255
+  with np.load(out / 'reconstruct_n4_checkpoint.npz') as f:
+    np.testing.assert_array_equal(f['originals'], x)
 
 
 # ---------------------------------------------------------------- sweep

@@ -7,9 +7,10 @@ import sys
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
-from denseflow_jax import loading, metrics_log, modes, sampling
+from denseflow_jax import loading, metrics_log, modes, outputs, sampling, training_data
 from helpers import GLOW, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -130,6 +131,22 @@ def test_digits_train_resume_eval_sample(tmp_path, capsys):
   config = tiny('digits', 'digits', (8, 8, 1), 5)
   ckpts = run_all_modes(config, tmp_path, capsys)
   assert ckpts, 'no checkpoint written'
+  # eval.use_ema=True (the default) on a run without EMA (train.ema_decay=0, the default):
+  # the modes that loaded the model said so on stderr.
+  note = (f'note: eval.use_ema=True but {tmp_path} holds no EMA parameters (trained with '
+          'train.ema_decay=0); using the raw parameters')
+  assert note in capsys.readouterr().err.splitlines()
+  # Training recorded the digits' top level (16 of the 5-bit model's 31), load_model reads
+  # it back without the data, and --mode sample's grid shows level 16 as white.
+  assert json.loads((tmp_path / training_data.DATA_RECORD_FILE).read_text())['top_level'] == 16
+  assert loading.load_model(config, str(tmp_path), True)[2]['data_top_level'] == 16
+  with np.load(tmp_path / 'samples' / 'samples_T1_n4_latest_raw.npz') as f:
+    images = f['images']                                   # the raw levels, unscaled
+  picture = np.asarray(Image.open(tmp_path / 'samples' / 'samples_T1_n4_latest_raw.png'))
+  want = outputs.make_grid(images, 5, top=16)[..., 0]
+  scale = picture.shape[1] // want.shape[1]
+  np.testing.assert_array_equal(picture[::scale, ::scale], want)
+  assert not np.array_equal(want, outputs.make_grid(images, 5)[..., 0])   # not 31 -> 255
 
 
 def test_cifar10_through_tfds_mock_data(tmp_path):

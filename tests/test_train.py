@@ -5,6 +5,7 @@ of training settings, so the train step compiles once for the 8-device mesh (cac
 train_step.make_train_step) and once for the 1-device comparison.
 """
 import dataclasses
+import json
 import logging
 import math
 
@@ -17,8 +18,11 @@ from sklearn.datasets import load_digits
 from configs import default
 from denseflow_jax import errors
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import loading
+from denseflow_jax import training_data
 from denseflow_jax import metrics_log
 from denseflow_jax import modes
+from denseflow_jax import outputs
 from denseflow_jax import sharding
 from denseflow_jax import train
 from denseflow_jax import train_step
@@ -319,6 +323,45 @@ def test_periodic_evaluation_loads_the_test_split_once(config, tmp_path, compile
   assert evals == [3, 4]
   assert loads.count('test') == 1, loads
 
+def test_train_records_the_data_top_level_for_its_grids(config, tmp_path, compiled,
+                                                       monkeypatch, capsys):
+  """--mode train records the train array's largest value (npz) in the workdir, its periodic
+  grids use it, and a later load reads it back; with EMA kept, eval.use_ema=True says
+  nothing."""
+  del compiled
+  tops = []
+  save_grid = outputs.save_sample_grid
+
+  def spying_save_grid(*args, top=None, **kwargs):
+    tops.append(top)
+    return save_grid(*args, top=top, **kwargs)
+
+  monkeypatch.setattr(outputs, 'save_sample_grid', spying_save_grid)
+  config.eval.batch_size = BATCH
+  workdir = tmp_path / 'run'
+  with np.load(config.data.source) as f:
+    want = int(f['train'].max())
+  modes.run('train', config, str(workdir))
+  assert tops == [want] and (workdir / 'samples' / 'step_00000003.png').is_file()
+  record = json.loads((workdir / training_data.DATA_RECORD_FILE).read_text())
+  assert record == {'dataset': 'npz', 'num_bits': 5, 'top_level': want,
+                    'how': 'the largest value of the npz train array'}
+  capsys.readouterr()
+  _, _, loaded = loading.load_model(config, str(workdir), use_ema=True)
+  assert (loaded['parameters'], loaded['data_top_level']) == ('ema', want)
+  assert 'note:' not in capsys.readouterr().err
+
+
+def test_refused_run_writes_no_record(config, tmp_path, compiled):
+  """A run refused at its start (here: a fine-tune without a trained model) leaves no
+  training_data.json behind."""
+  del compiled
+  config.train.phase = 'finetune'
+  with pytest.raises(ConfigError, match='needs a trained model'):
+    modes.run('train', config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / training_data.DATA_RECORD_FILE).exists()
+
+
 def test_nonfinite_run_stops_without_checkpoint(config, tmp_path, compiled):
   variables = jax.tree.map(np.array, compiled['variables'])
   variables['params']['prior']['log_scale'][:] = np.inf
@@ -345,8 +388,8 @@ def test_start_from_variables_then_finetune(config, tmp_path, compiled):
   assert int(state.step) == 5
   records = metrics_log.read_metrics(tmp_path / 'run')
   assert [r['lr'] for r in records[3:]] == pytest.approx([3e-5, 3e-5])
-  pretrained = ckpt_lib.load_variables(tmp_path / 'run' / train.PRETRAINED_DIR)
-  assert ckpt_lib.read_metadata(tmp_path / 'run' / train.PRETRAINED_DIR)['step'] == 3
+  pretrained = ckpt_lib.load_variables(tmp_path / 'run' / ckpt_lib.PRETRAINED_DIR)
+  assert ckpt_lib.read_metadata(tmp_path / 'run' / ckpt_lib.PRETRAINED_DIR)['step'] == 3
   assert not leaves_equal(pretrained['params'], jax.device_get(state.params))
 
   # Pretraining cannot continue a fine-tuned workdir.

@@ -12,6 +12,7 @@ dequantisation and scaling belong to the model.
 * ``train_stream.py``: the resumable, shuffled training iterator.
 * ``eval_stream.py``: the padded evaluation batches.
 * ``read_options.py``: grain's read options, shared by both streams.
+* ``levels.py``: the top level of the training images (what grids show as white).
 
 Functions take explicit arguments (the data settings, the split's source, image shape,
 bits, the global batch as a ``sharding.BatchSplit``, the seed), not the config, as
@@ -22,6 +23,7 @@ The public names are re-exported here (``data_lib.load_split``, ...).
 from denseflow_jax.data.augment import (
     AUGMENTATIONS, ETA_FRACTION, augment_image, eta_pad, eta_transform, sample_eta_params)
 from denseflow_jax.data.eval_stream import eval_examples, eval_num_batches, iterate_eval
+from denseflow_jax.data.levels import train_top_level
 from denseflow_jax.data.sources import (
     DIGITS_NUM_LEVELS, DIGITS_NUM_TRAIN, IMAGE_EXTENSIONS, ArraySource, FolderSource,
     digits_split_indices, load_split)
@@ -49,4 +51,6 @@ __all__ = [
     'steps_per_epoch',
     # eval_stream.py
     'eval_examples', 'eval_num_batches', 'iterate_eval',
+    # levels.py
+    'train_top_level',
 ]
