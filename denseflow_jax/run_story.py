@@ -48,5 +48,5 @@ def compile_notice(last_seconds: Optional[float]) -> str:
   if last_seconds is not None:
     return (f'compiling the train step (took {last_seconds:.0f} s last time in this '
             'workdir)...')
-  return ('compiling the train step (once per run: about 45 s for configs/digits.py on 2 CPU '
+  return ('compiling the train step (once per run: 7-50 s for configs/digits.py on 2 CPU '
           'cores, about 6 min for DenseFlow-74-10 on an H200)...')
