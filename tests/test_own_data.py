@@ -1,6 +1,8 @@
 """Own data in one try (issue #21): images that do not fit the model config are one error
-naming every mismatch with the overrides that fix them all, and those overrides work."""
+naming every mismatch with the overrides that fix them all, those overrides work, and an
+unprepared TFDS data set is one error line with nothing logged before it."""
 import dataclasses
+import logging
 import pathlib
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 
 from configs import digits
 from denseflow_jax import data, errors
+from denseflow_jax.data import tfds_source
 from denseflow_jax.spec import spec_from_config
 from helpers import tiny_config
 
@@ -101,3 +104,45 @@ def test_command_line_own_data_is_one_error_line_whose_overrides_work(rgb16_npz,
   proc = cli(*own, *overrides, '--mode', 'summary', cwd=rgb16_npz.parent)
   assert proc.returncode == 0, proc.stderr
   assert 'image (16, 16, 3)' in proc.stdout.splitlines()[0]
+
+
+def test_unprepared_tfds_dataset_is_one_error_line(tmp_path):
+  """Nothing but our error on stderr: TFDS's two 'Variant folder ... has no
+  dataset_info.json' warnings about the folder it probed are held back."""
+  proc = cli('--config', str(ROOT / 'configs' / 'cifar10.py'), '--workdir', str(tmp_path / 'run'),
+             '--config.data.dataset=cifar10', f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
+             cwd=tmp_path)
+  assert proc.returncode == 1
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("error: TFDS data set 'cifar10' is not prepared in ")
+  assert 'Variant folder' not in proc.stderr + proc.stdout
+
+
+def test_tfds_logs_are_replayed_when_the_data_set_opens(monkeypatch):
+  """What absl logs while a data set opens is held back only when the opening fails."""
+  seen = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage())
+
+  handler = Keep()
+  logging.getLogger('absl').addHandler(handler)
+  try:
+    def opens(name, tfds_split, data_dir):
+      logging.getLogger('absl').warning('opened %s', name)
+      return [{'image': np.zeros((8, 8, 1), np.uint8)}]
+
+    def fails(name, tfds_split, data_dir):
+      logging.getLogger('absl').warning('probing %s', name)
+      raise errors.DataError('not prepared')
+
+    monkeypatch.setattr(tfds_source, '_open_tfds', opens)
+    assert len(tfds_source.load_tfds('cifar10', 'train', '', (8, 8, 1), 8)) == 1
+    monkeypatch.setattr(tfds_source, '_open_tfds', fails)
+    with pytest.raises(errors.DataError, match='not prepared'):
+      tfds_source.load_tfds('cifar10', 'train', '', (8, 8, 1), 8)
+  finally:
+    logging.getLogger('absl').removeHandler(handler)
+  assert seen == ['opened cifar10']

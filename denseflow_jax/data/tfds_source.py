@@ -9,7 +9,9 @@ TensorFlow needed). Known names: 'cifar10', 'imagenet_resized/32x32',
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from typing import Any
 
 import numpy as np
@@ -109,12 +111,37 @@ def celeba_crop_resize(image: np.ndarray, size: int = CELEBA_SIZE,
   return out[:, :, None] if out.ndim == 2 else out
 
 
+@contextlib.contextmanager
+def _absl_logs_held():
+  """Holds back what absl logs inside the block; yields the held records.
+
+  TFDS logs 'Variant folder ... has no dataset_info.json' (twice) while it probes a data set
+  that is not prepared, before our error says so. The caller replays the records when the
+  data set opens (they may then matter) and drops them when it raises its own error.
+  """
+  logger = logging.getLogger('absl')
+  held = []
+
+  def hold(record):
+    held.append(record)
+    return False
+
+  logger.addFilter(hold)
+  try:
+    yield held
+  finally:
+    logger.removeFilter(hold)
+
+
 def load_tfds(name, split, data_dir, image_shape, num_bits=None,
               spec: ModelSpec | None = None) -> TfdsSource:
   """The source of a split of a prepared TFDS data set, its first image checked against the
   model config (``load_split`` with a TFDS name); DataError names the fix."""
   tfds_split = tfds_split_name(name, split)
-  data_source = _open_tfds(name, tfds_split, data_dir)
+  with _absl_logs_held() as held:
+    data_source = _open_tfds(name, tfds_split, data_dir)   # a DataError drops what was held
+  for record in held:
+    logging.getLogger('absl').handle(record)
   preprocess = None
   if name == 'celeb_a':
     size = CELEBA_SIZE if image_shape is None else int(image_shape[0])
