@@ -189,7 +189,7 @@ def dataset_stats(data: DataSettings, spec: ModelSpec, split: str, feature_fn: F
       return mu, sigma, count, path, True
     except Exception as e:   # writes are atomic, so only a foreign file lands here
       print(f'FID statistics of {split!r}: cannot read {path} ({e}); computing them again')
-  source = data_lib.load_split(data, split, spec.image_shape, num_bits)
+  source = data_lib.load_split(data, split, model=spec)
   batches = data_lib.iterate_eval(source, BatchSplit(batch_size, 'fid.batch_size'),
                                   prefetch=data.prefetch, split=split)
   with tqdm.tqdm(total=len(source), desc=f'FID stats {split}', unit='img',

@@ -46,7 +46,7 @@ def _load_trained(config, s: Settings, workdir):
 
 
 def _test_split(s: Settings):
-  return data.load_split(s.data, 'test', s.model.image_shape, s.model.num_bits)
+  return data.load_split(s.data, 'test', model=s.model)
 
 
 # ---------------------------------------------------------------- the modes

@@ -129,7 +129,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       raise ConfigError(
           "train.phase='finetune' needs a trained model: a checkpoint in --workdir (the "
           'pretraining run) or --config.checkpoint')
-    source = data_lib.load_split(s.data, 'train', s.model.image_shape, s.model.num_bits)
+    source = data_lib.load_split(s.data, 'train', model=s.model)
     iterator = data_lib.make_train_iterator(s.data, source, s.model.image_shape, batch,
                                             s.run.seed)
     # What later modes need of the data (the grids' white), now that the run will start.

@@ -18,6 +18,9 @@ Tested elsewhere (not repeated here):
   unprepared TFDS dataset             tests/test_data.py::test_unprepared_tfds_dataset_names_the_prepare_command
   npz with wrong keys / dtype / rank / channels / size / value range / no images
                                       tests/test_data.py::test_npz_errors
+  images that do not fit the model config: one error naming every mismatch and the overrides
+    that fix them all, from the command line too
+                                      tests/test_own_data.py
   image folder with an unreadable file or mixed sizes, truncated image
                                       tests/test_data.py::test_folder_unreadable_file_and_mixed_sizes,
                                       ::test_folder_truncated_file_fails_on_read_naming_it

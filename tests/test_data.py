@@ -125,11 +125,131 @@ def test_load_split_checks_what_the_call_asks_for(id_npz):
   part = data.load_split(config.data, 'test')
   assert len(full) == len(part) == 13
   np.testing.assert_array_equal(full[3], part[3])
-  with pytest.raises(errors.DataError, match=r'1 channel\(s\) instead of 3'):
+  with pytest.raises(errors.DataError, match=r'images are 4x4x1 but model.image_shape = '
+                                             r'\(4, 4, 3\)'):
     data.load_split(config.data, 'test', (4, 4, 3))
   assert len(data.load_split(config.data, 'test', num_bits=8)) == 13
   with pytest.raises(errors.DataError, match='--config.model.num_bits=7'):   # 100..112
     data.load_split(config.data, 'test', (4, 4, 1), 6)
+
+
+def _save(path, **arrays):
+  np.savez(path, **arrays)
+  return str(path)
+
+
+@pytest.mark.parametrize('arrays,image_shape,num_bits,expected', [
+    ({'train': np.zeros((2, 4, 4, 1), np.uint8)}, (4, 4, 1), 8,
+     r"no key 'test'.*expected keys 'train' and 'test'"),
+    ({'train': np.zeros((2, 4, 4, 1), np.float32),
+      'test': np.full((2, 4, 4, 1), 0.75, np.float32)}, (4, 4, 1), 8,
+     r'dtype float32 \(values 0.75 .. 0.75\), expected uint8.*np.round\(x \* 255\).* for data '
+     r'in 0..1'),
+    ({'train': np.zeros((2, 4, 4), np.uint8),
+      'test': np.zeros((2, 4, 4), np.uint8)}, (4, 4, 1), 8,
+     r'rank 3 .*x\[\.\.\., None\]'),
+    ({'train': np.zeros((2, 4, 4, 3), np.uint8),
+      'test': np.zeros((2, 4, 4, 3), np.uint8)}, (4, 4, 1), 8,
+     r'images are 4x4x3 but model\.image_shape = \(4, 4, 1\)\. '
+     r'Add: --config\.model\.image_shape=4,4,3$'),
+    ({'train': np.zeros((2, 5, 4, 1), np.uint8),
+      'test': np.zeros((2, 5, 4, 1), np.uint8)}, (4, 4, 1), 8,
+     r'images are 5x4x1 but model\.image_shape = \(4, 4, 1\)'),
+    ({'train': np.full((2, 4, 4, 1), 40, np.uint8),
+      'test': np.full((2, 4, 4, 1), 40, np.uint8)}, (4, 4, 1), 5,
+     r'values reach 40 but model\.num_bits = 5 allows 0\.\.31\. '
+     r'Add: --config\.model\.num_bits=6$'),
+    ({'train': np.zeros((0, 4, 4, 1), np.uint8),
+      'test': np.zeros((0, 4, 4, 1), np.uint8)}, (4, 4, 1), 8,
+     'holds no images'),
+])
+def test_npz_errors(tmp_path, arrays, image_shape, num_bits, expected):
+  path = _save(tmp_path / 'bad.npz', **arrays)
+  config = data_config('npz', path)
+  with pytest.raises(errors.DataError, match=expected):
+    data.load_split(config.data, 'test', image_shape, num_bits)
+
+
+def test_npz_missing_file_and_missing_source(tmp_path):
+  config = data_config('npz', str(tmp_path / 'nope.npz'))
+  with pytest.raises(errors.DataError, match='does not exist.*data.source'):
+    data.load_split(config.data, 'train')
+  with pytest.raises(errors.DataError, match='needs data.source'):
+    data.load_split(data_config('npz', '').data, 'train')
+
+
+# ---- folder ----------------------------------------------------------------
+
+
+def _write_pngs(folder, images):
+  folder.mkdir(parents=True, exist_ok=True)
+  for i, image in enumerate(images):
+    Image.fromarray(image.squeeze()).save(folder / f'img_{i:03d}.png')
+
+
+def test_folder_happy_path_rgb_and_grey(tmp_path):
+  rng = np.random.default_rng(0)
+  train = rng.integers(0, 256, (3, 6, 5, 3), dtype=np.uint8)
+  test = rng.integers(0, 256, (2, 6, 5, 3), dtype=np.uint8)
+  _write_pngs(tmp_path / 'train', train)
+  _write_pngs(tmp_path / 'test' / 'class_a', test)    # nested folders too
+  (tmp_path / 'train' / 'README.txt').write_text('not an image')
+  config = data_config('folder', str(tmp_path))
+  src = data.load_split(config.data, 'train', (6, 5, 3), 8)
+  assert len(src) == 3
+  np.testing.assert_array_equal(np.stack([src[i] for i in range(3)]), train)
+  src = data.load_split(config.data, 'test', (6, 5, 3))
+  np.testing.assert_array_equal(np.stack([src[i] for i in range(2)]), test)
+  grey = data.load_split(config.data, 'train', (6, 5, 1), 8)    # RGB files read as grey
+  expected = np.asarray(Image.fromarray(train[1]).convert('L'))[:, :, None]
+  assert grey[1].shape == (6, 5, 1)
+  np.testing.assert_array_equal(grey[1], expected)
+  with pytest.raises(errors.DataError, match=r'images are 6x5x3 but model.image_shape = '
+                                             r'\(5, 5, 3\)'):
+    data.load_split(config.data, 'train', (5, 5, 3))
+
+
+def test_folder_size_channels_and_bits_in_one_error(tmp_path):
+  """Folder images are 8-bit; a size that does not fit suggests the files' own channels
+  (RGB here, though model.image_shape asks for grey); other channels than 1 or 3 do not fit."""
+  _write_pngs(tmp_path / 'rgb' / 'train', np.zeros((2, 16, 16, 3), np.uint8))
+  rgb = data_config('folder', str(tmp_path / 'rgb')).data
+  with pytest.raises(errors.DataError) as info:
+    data.load_split(rgb, 'train', (8, 8, 1), 5)
+  assert str(info.value).endswith(
+      'does not fit the model config: images are 16x16x3 but model.image_shape = (8, 8, 1); '
+      'folder images are 8-bit (0..255) but model.num_bits = 5 allows 0..31. '
+      'Add: --config.model.image_shape=16,16,3 --config.model.num_bits=8')
+  with pytest.raises(errors.DataError, match=r'16x16x3 but model.image_shape = \(16, 16, 4\)'):
+    data.load_split(rgb, 'train', (16, 16, 4), 8)
+  _write_pngs(tmp_path / 'grey' / 'train', np.zeros((2, 16, 16, 1), np.uint8))
+  with pytest.raises(errors.DataError, match=r'images are 16x16x1 .*image_shape=16,16,1$'):
+    data.load_split(data_config('folder', str(tmp_path / 'grey')).data, 'train', (8, 8, 3))
+
+
+def test_folder_unreadable_file_and_mixed_sizes(tmp_path):
+  _write_pngs(tmp_path / 'a' / 'train', np.zeros((2, 6, 6, 3), np.uint8))
+  (tmp_path / 'a' / 'train' / 'broken.png').write_bytes(b'not a png at all')
+  with pytest.raises(errors.DataError, match='broken.png'):
+    data.load_split(data_config('folder', str(tmp_path / 'a')).data, 'train')
+
+  _write_pngs(tmp_path / 'b' / 'train', np.zeros((2, 6, 6, 3), np.uint8))
+  Image.fromarray(np.zeros((7, 6, 3), np.uint8)).save(
+      tmp_path / 'b' / 'train' / 'odd.png')
+  with pytest.raises(errors.DataError, match=r'odd.png is 7x6.*same size'):
+    data.load_split(data_config('folder', str(tmp_path / 'b')).data, 'train')
+
+  with pytest.raises(errors.DataError, match='no test/ sub-folder'):
+    data.load_split(data_config('folder', str(tmp_path / 'b')).data, 'test')
+
+
+def test_folder_truncated_file_fails_on_read_naming_it(tmp_path):
+  _write_pngs(tmp_path / 'train', np.full((1, 16, 16, 3), 7, np.uint8))
+  path = tmp_path / 'train' / 'img_000.png'
+  path.write_bytes(path.read_bytes()[:60])     # header intact, data cut
+  src = data.load_split(data_config('folder', str(tmp_path)).data, 'train')
+  with pytest.raises(errors.DataError, match='img_000.png'):
+    src[0]
 
 
 # ---- TFDS ------------------------------------------------------------------
@@ -146,8 +266,13 @@ def test_tfds_cifar10_with_mock_data():
     assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.uint8
     masks = [mask for _, mask in eval_batches(config)]
     assert [m.sum() for m in masks] == [4, 4, 2]
-    with pytest.raises(errors.DataError, match='config.model.image_shape'):
-      data.load_split(config.data, 'train', (64, 64, 3))
+    with pytest.raises(errors.DataError) as info:
+      data.load_split(config.data, 'train', (64, 64, 1), 5)
+    assert str(info.value) == (
+        "TFDS data set 'cifar10' split 'train' does not fit the model config: images are "
+        '32x32x3 but model.image_shape = (64, 64, 1); cifar10 images are 8-bit (0..255) but '
+        'model.num_bits = 5 allows 0..31. Add: --config.model.image_shape=32,32,3 '
+        '--config.model.num_bits=8')
 
 
 def test_tfds_celeba_is_cropped_and_resized():

@@ -7,7 +7,8 @@ dequantisation and scaling belong to the model.
 * ``sources.py``: the local data sets ('digits', 'npz', 'folder'), their
   random-access sources and :func:`load_split`.
 * ``tfds_source.py``: TFDS data sets, their split names and the CelebA crop.
-* ``validation.py``: checks of image arrays, shapes and split names.
+* ``validation.py``: checks of image arrays, of images against the model config (every
+  mismatch in one error, with the overrides that fix them) and of split names.
 * ``augment.py``: the training augmentations ('none', 'horizontal_flip', 'eta').
 * ``train_stream.py``: the resumable, shuffled training iterator.
 * ``eval_stream.py``: the padded evaluation batches.
@@ -32,7 +33,7 @@ from denseflow_jax.data.tfds_source import (
     prepare_command, tfds_split_name)
 from denseflow_jax.data.train_stream import (
     TrainIterator, make_train_iterator, state_from_json, state_to_json, steps_per_epoch)
-from denseflow_jax.data.validation import SPLITS, validate_image_shape, validate_images
+from denseflow_jax.data.validation import SPLITS, check_fit, override, validate_images
 
 __all__ = [
     # sources.py
@@ -42,7 +43,7 @@ __all__ = [
     'CELEBA_CROP', 'CELEBA_SIZE', 'LOCAL_DATASETS', 'TFDS_SPLITS', 'TfdsSource',
     'celeba_crop_resize', 'prepare_command', 'tfds_split_name',
     # validation.py
-    'SPLITS', 'validate_image_shape', 'validate_images',
+    'SPLITS', 'check_fit', 'override', 'validate_images',
     # augment.py
     'AUGMENTATIONS', 'ETA_FRACTION', 'augment_image', 'eta_pad', 'eta_transform',
     'sample_eta_params',

@@ -12,21 +12,24 @@ Data sets (``config.data.dataset``):
   which 0..16 occur). Split: ``numpy.random.default_rng(0).permutation(1797)``,
   the first 1500 indices are 'train' and the other 297 'test', in that order.
 * ``'npz'``: ``data.source`` is an ``.npz`` with keys 'train' and 'test', each a
-  uint8 array ``[N, H, W, C]``.
+  uint8 array ``[N, H, W, C]``; ``model.num_bits`` must cover its largest value.
 * ``'folder'``: ``data.source`` is a folder with ``train/`` and ``test/``
   sub-folders of image files (png, jpg, jpeg, bmp, webp; searched
   recursively, sorted by path), decoded with PIL as RGB, or as L when
-  ``model.image_shape`` has one channel. All images must have the same size.
+  ``model.image_shape`` has one channel. All images must have the same size. They are
+  8-bit: ``model.num_bits`` must be 8.
 * any other name: a prepared TFDS data set read with ``tfds.data_source``
   (ArrayRecord files, no TensorFlow needed). Known names: 'cifar10',
   'imagenet_resized/32x32', 'imagenet_resized/64x64' (our 'test' split is
   TFDS's 'validation') and 'celeb_a' (cropped and resized to 64x64 with
-  :func:`celeba_crop_resize`). Preparing needs TensorFlow once:
-  ``pip install "denseflow-jax[prepare]" &&
+  :func:`celeba_crop_resize`). They are 8-bit: ``model.num_bits`` must be 8.
+  Preparing needs TensorFlow once: ``pip install "denseflow-jax[prepare]" &&
   python -m denseflow_jax.prepare_data --dataset cifar10``.
 
 :func:`load_split` is the entry point: a random-access source (``len()`` and
-``[i]``) of one split, checked with :mod:`denseflow_jax.data.validation`.
+``[i]``) of one split, checked with :mod:`denseflow_jax.data.validation`: images that do
+not fit the model config are one DataError listing every mismatch (size, channels, values
+against ``model.num_bits``) with the overrides that fix them all.
 """
 from __future__ import annotations
 
@@ -38,11 +41,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from denseflow_jax.data.validation import check_split, validate_image_shape, validate_images
+from denseflow_jax.data.validation import check_fit, check_split, validate_images
 from denseflow_jax.data.tfds_source import LOCAL_DATASETS, TFDS_SPLITS, load_tfds
 from denseflow_jax.errors import DataError
+from denseflow_jax.spec import ModelSpec
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+GREY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')  # PIL modes
 
 DIGITS_NUM_TRAIN = 1500
 DIGITS_NUM_LEVELS = 17          # values 0..16
@@ -128,18 +133,14 @@ def digits_split_indices(split: str) -> np.ndarray:
   return perm[DIGITS_NUM_TRAIN:]
 
 
-def _load_digits(split, image_shape, num_bits) -> ArraySource:
+def _load_digits(split, image_shape, num_bits, spec) -> ArraySource:
   images = _digits_all()[digits_split_indices(split)]
   where = f"data.dataset='digits' split '{split}'"
-  if num_bits is not None and 2**int(num_bits) < DIGITS_NUM_LEVELS:
-    raise DataError(
-        f'{where} has values 0..16 but config.model.num_bits = {num_bits} '
-        'allows fewer levels; set --config.model.num_bits=5')
-  validate_images(images, image_shape, num_bits, where)
+  check_fit(where, images.shape[1:], DIGITS_NUM_LEVELS - 1, image_shape, num_bits, spec)
   return ArraySource(images, where)
 
 
-def _load_npz(source, split, image_shape, num_bits) -> ArraySource:
+def _load_npz(source, split, image_shape, num_bits, spec) -> ArraySource:
   check_split(split, 'npz')
   if not source:
     raise DataError(
@@ -167,12 +168,13 @@ def _load_npz(source, split, image_shape, num_bits) -> ArraySource:
         f'data.source {source} is not a readable .npz ({e}); write it with '
         'np.savez(path, train=..., test=...) using uint8 arrays '
         '[N, H, W, C]') from e
-  validate_images(images, image_shape, num_bits,
-                  f"data.source {source} key '{split}'")
+  where = f"data.source {source} key '{split}'"
+  validate_images(images, where)
+  check_fit(where, images.shape[1:], images.max(), image_shape, num_bits, spec)
   return ArraySource(images, f"{source}['{split}']")
 
 
-def _load_folder(source, split, image_shape) -> FolderSource:
+def _load_folder(source, split, image_shape, num_bits, spec) -> FolderSource:
   check_split(split, 'folder')
   if not source:
     raise DataError(
@@ -189,35 +191,35 @@ def _load_folder(source, split, image_shape) -> FolderSource:
     raise DataError(
         f'{folder} holds no image files ({", ".join(IMAGE_EXTENSIONS)}); add '
         'images or point data.source at the right folder')
-  channels = 3 if image_shape is None else int(image_shape[2])
-  if channels not in (1, 3):
-    raise DataError(
-        f'config.model.image_shape = {tuple(image_shape)} asks for {channels} '
-        "channels but data.dataset='folder' decodes RGB (3) or grey (1); set "
-        'the last entry of --config.model.image_shape to 3 or 1')
   size = None
   for path in files:
     try:
       with Image.open(path) as img:
         width, height = img.size
+        mode = img.mode
     except (OSError, ValueError, SyntaxError) as e:
       raise DataError(
           f'cannot read image file {path}: {e}; replace or delete it') from e
     if size is None:
-      size, first = (height, width), path
+      size, first, first_mode = (height, width), path, mode
     elif (height, width) != size:
       raise DataError(
           f'image file {path} is {height}x{width} (HxW) but {first} is '
           f'{size[0]}x{size[1]}; all images must have the same size: resize '
           'or remove the odd ones')
-  if image_shape is not None:
-    validate_image_shape((size[0], size[1], channels), image_shape,
-                         f'data.source {folder}')
-  return FolderSource(files, 'L' if channels == 1 else 'RGB', size)
+  # Decoded with the channels model.image_shape asks for, grey (1) or RGB (3): a channel
+  # difference alone fits. Where the size does not (or other channels are asked for), the
+  # images' own channels are suggested (RGB images and the 8x8x1 digits config: H,W,3).
+  wanted = None if image_shape is None else int(image_shape[2])
+  fits = wanted in (1, 3) and tuple(int(s) for s in image_shape[:2]) == size
+  own = 1 if first_mode in GREY_MODES else 3
+  check_fit(f'data.source {folder}', (*size, wanted if fits else own), 255, image_shape,
+            num_bits, spec, levels='folder images are 8-bit (0..255)')
+  return FolderSource(files, 'L' if wanted == 1 else 'RGB', size)
 
 
 def load_split(data, split: str, image_shape: Sequence[int] | None = None,
-               num_bits: int | None = None):
+               num_bits: int | None = None, model: ModelSpec | None = None):
   """Returns a random-access source of uint8 ``[H, W, C]`` images.
 
   The one way to load a split (training, evaluation, FID and the latent tools):
@@ -230,15 +232,23 @@ def load_split(data, split: str, image_shape: Sequence[int] | None = None,
     image_shape: expected (H, W, C); a mismatch raises DataError; None skips the
       check. Also picks grey or RGB decoding for 'folder' and the output size for
       'celeb_a'.
-    num_bits: values of in-memory data sets ('digits', 'npz') must be below
-      ``2**num_bits``; None skips the check.
+    num_bits: values must be below ``2**num_bits`` ('folder' and TFDS data are 8-bit);
+      None skips the check.
+    model: the run's ModelSpec instead of ``image_shape`` and ``num_bits`` (the modes pass
+      ``model=settings.model``): the images are checked against its image_shape and
+      num_bits, and the overrides a mismatch suggests against the rest of the model.
 
   Returns:
     An object with ``len()`` and ``[i]`` returning uint8 ``[H, W, C]``.
 
   Raises:
-    DataError: bad configuration or data; the message names the fix.
+    DataError: bad configuration or data; the message names the fix. Images that do not
+      fit the model config raise one DataError naming every mismatch.
   """
+  if model is not None:
+    if image_shape is not None or num_bits is not None:
+      raise TypeError('load_split takes image_shape and num_bits, or model, not both')
+    image_shape, num_bits = model.image_shape, model.num_bits
   dataset, source = data.dataset, data.source
   if not dataset:
     raise DataError(
@@ -255,9 +265,9 @@ def load_split(data, split: str, image_shape: Sequence[int] | None = None,
         f"data.tfds_data_dir is only read for TFDS data sets, but data.dataset={dataset!r} "
         "ignores it; drop --config.data.tfds_data_dir or choose a TFDS data set")
   if dataset == 'digits':
-    return _load_digits(split, image_shape, num_bits)
+    return _load_digits(split, image_shape, num_bits, model)
   if dataset == 'npz':
-    return _load_npz(source, split, image_shape, num_bits)
+    return _load_npz(source, split, image_shape, num_bits, model)
   if dataset == 'folder':
-    return _load_folder(source, split, image_shape)
-  return load_tfds(dataset, split, data.tfds_data_dir, image_shape)
+    return _load_folder(source, split, image_shape, num_bits, model)
+  return load_tfds(dataset, split, data.tfds_data_dir, image_shape, num_bits, model)

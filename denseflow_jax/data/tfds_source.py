@@ -3,20 +3,23 @@
 A prepared TFDS data set is read with ``tfds.data_source`` (ArrayRecord files, no
 TensorFlow needed). Known names: 'cifar10', 'imagenet_resized/32x32',
 'imagenet_resized/64x64' (our 'test' split is TFDS's 'validation') and 'celeb_a'
-(cropped and resized to 64x64 with :func:`celeba_crop_resize`). Preparing needs
-TensorFlow once: ``pip install "denseflow-jax[prepare]" &&
-python -m denseflow_jax.prepare_data --dataset cifar10``.
+(cropped and resized to 64x64 with :func:`celeba_crop_resize`). Their images are 8-bit
+(``model.num_bits`` 8). Preparing needs TensorFlow once:
+``pip install "denseflow-jax[prepare]" && python -m denseflow_jax.prepare_data --dataset cifar10``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from denseflow_jax.data.validation import validate_image_shape
+from denseflow_jax.data.validation import check_fit
 from denseflow_jax.errors import DataError
+from denseflow_jax.spec import ModelSpec
 
 LOCAL_DATASETS = ('digits', 'npz', 'folder')   # the others are TFDS names
 # TFDS data sets we know, and how our split names map onto theirs.
@@ -108,13 +111,56 @@ def celeba_crop_resize(image: np.ndarray, size: int = CELEBA_SIZE,
   return out[:, :, None] if out.ndim == 2 else out
 
 
-def load_tfds(name, split, data_dir, image_shape) -> TfdsSource:
+@contextlib.contextmanager
+def _absl_logs_held():
+  """Holds back what absl logs inside the block; yields the held records.
+
+  TFDS logs 'Variant folder ... has no dataset_info.json' (twice) while it probes a data set
+  that is not prepared, before our error says so. The caller replays the records when the
+  data set opens (they may then matter) and drops them when it raises its own error.
+  """
+  logger = logging.getLogger('absl')
+  held = []
+
+  def hold(record):
+    held.append(record)
+    return False
+
+  logger.addFilter(hold)
+  try:
+    yield held
+  finally:
+    logger.removeFilter(hold)
+
+
+def load_tfds(name, split, data_dir, image_shape, num_bits=None,
+              spec: ModelSpec | None = None) -> TfdsSource:
+  """The source of a split of a prepared TFDS data set, its first image checked against the
+  model config (``load_split`` with a TFDS name); DataError names the fix."""
+  tfds_split = tfds_split_name(name, split)
+  with _absl_logs_held() as held:
+    data_source = _open_tfds(name, tfds_split, data_dir)   # a DataError drops what was held
+  for record in held:
+    logging.getLogger('absl').handle(record)
+  preprocess = None
+  if name == 'celeb_a':
+    size = CELEBA_SIZE if image_shape is None else int(image_shape[0])
+    preprocess = functools.partial(celeba_crop_resize, size=size)
+  source = TfdsSource(data_source, preprocess, f'{name}:{tfds_split}')
+  if len(source) == 0:
+    raise DataError(f"split '{tfds_split}' of TFDS data set '{name}' is empty; "
+                    f'prepare it again: {prepare_command(name, data_dir)}')
+  check_fit(f"TFDS data set '{name}' split '{tfds_split}'", source[0].shape, 255, image_shape,
+            num_bits, spec, levels=f'{name} images are 8-bit (0..255)')
+  return source
+
+
+def _open_tfds(name, tfds_split, data_dir):
   # Imported here: importing tensorflow_datasets takes seconds; only TFDS data sets need it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds_split = tfds_split_name(name, split)
   try:
-    data_source = tfds.data_source(name, split=tfds_split,
-                                   data_dir=data_dir or None, download=False)
+    return tfds.data_source(name, split=tfds_split, data_dir=data_dir or None,
+                            download=False)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(
         f"data.dataset='{name}' is neither one of {LOCAL_DATASETS} nor a TFDS "
@@ -137,15 +183,3 @@ def load_tfds(name, split, data_dir, image_shape) -> TfdsSource:
         f'{where}: {type(e).__name__}: {e}. If it was prepared as TFRecord, '
         f'prepare it again as ArrayRecord: {prepare_command(name, data_dir)}'
     ) from e
-  preprocess = None
-  if name == 'celeb_a':
-    size = CELEBA_SIZE if image_shape is None else int(image_shape[0])
-    preprocess = functools.partial(celeba_crop_resize, size=size)
-  source = TfdsSource(data_source, preprocess, f'{name}:{tfds_split}')
-  if len(source) == 0:
-    raise DataError(f"split '{tfds_split}' of TFDS data set '{name}' is empty; "
-                    f'prepare it again: {prepare_command(name, data_dir)}')
-  if image_shape is not None:
-    validate_image_shape(source[0].shape, image_shape,
-                         f"TFDS data set '{name}' split '{tfds_split}'")
-  return source

@@ -1,61 +1,36 @@
-"""Checks of images and split names against the config, with messages that name the fix."""
+"""Checks of images and split names against the config, with messages that name the fix.
+
+One check per question:
+
+* :func:`validate_images`: an in-memory array is uint8 ``[N, H, W, C]`` with an image in it.
+* :func:`check_fit`: the images fit the model config: their (H, W, C) against
+  ``model.image_shape`` and their largest value against ``model.num_bits``. Every mismatch
+  goes into one DataError with the overrides that fix them all, e.g.
+  ``--config.model.image_shape=16,16,3 --config.model.num_bits=8``; given the ModelSpec,
+  those overrides are first checked against the rest of the model (the multi-scale
+  architecture and attention put conditions on the image size), so that an override that
+  would fail next is not suggested.
+* :func:`check_split`: the split names.
+"""
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
-from denseflow_jax.errors import DataError
+from denseflow_jax.errors import ConfigError, DataError
+from denseflow_jax.spec import ModelSpec, spec_from_config
 
 SPLITS = ('train', 'test')
 
 
-def validate_image_shape(actual: Sequence[int], image_shape: Sequence[int],
-                         where: str) -> None:
-  """Raises DataError unless images of shape ``actual`` match ``image_shape``.
+def validate_images(images: np.ndarray, where: str) -> None:
+  """Raises DataError unless ``images`` is a non-empty uint8 array ``[N, H, W, C]``.
 
   Args:
-    actual: (H, W, C) of the images found.
-    image_shape: the expected (H, W, C), i.e. ``config.model.image_shape``.
-    where: what holds the images, for the message (e.g. "data.source x.npz
-      'train'").
-  """
-  actual = tuple(int(s) for s in actual)
-  expected = tuple(int(s) for s in image_shape)
-  if len(expected) != 3:
-    raise DataError(
-        f'config.model.image_shape = {expected} is not (H, W, C); set it to '
-        'three integers, e.g. --config.model.image_shape="(32, 32, 3)"')
-  if actual == expected:
-    return
-  problems = []
-  if len(actual) != 3:
-    problems.append(f'rank {len(actual)} instead of 3 (H, W, C)')
-  else:
-    if actual[2] != expected[2]:
-      problems.append(f'{actual[2]} channel(s) instead of {expected[2]}')
-    if actual[:2] != expected[:2]:
-      problems.append(f'height x width {actual[0]}x{actual[1]} instead of '
-                      f'{expected[0]}x{expected[1]}')
-  raise DataError(
-      f'{where} holds images of shape {actual} but config.model.image_shape = '
-      f'{expected} ({"; ".join(problems)}). Fix: set '
-      f'--config.model.image_shape="{actual}" if these are the images you '
-      f'want, or use images of shape {expected}.')
-
-
-def validate_images(images: np.ndarray, image_shape: Sequence[int] | None,
-                    num_bits: int | None, where: str) -> None:
-  """Checks an in-memory image array: dtype, rank, shape and value range.
-
-  Args:
-    images: the array, expected uint8 ``[N, H, W, C]``.
-    image_shape: expected (H, W, C) (``config.model.image_shape``), or None to
-      skip the shape check.
-    num_bits: ``config.model.num_bits``; values must be below ``2**num_bits``.
-      None skips the range check.
-    where: what holds the images, for the message.
+    images: the array.
+    where: what holds the images, for the message (e.g. "data.source x.npz key 'train'").
   """
   if not isinstance(images, np.ndarray):
     raise DataError(f'{where} is a {type(images).__name__}, not a numpy array; '
@@ -76,16 +51,60 @@ def validate_images(images: np.ndarray, image_shape: Sequence[int] | None,
   if images.shape[0] == 0:
     raise DataError(f'{where} holds no images (shape {images.shape}); '
                     'store at least one image [N, H, W, C] with N > 0')
-  if image_shape is not None:
-    validate_image_shape(images.shape[1:], image_shape, where)
-  if num_bits is not None:
-    top = int(images.max())
-    if top >= 2**int(num_bits):
-      raise DataError(
-          f'{where} has values up to {top} but config.model.num_bits = '
-          f'{num_bits} allows only 0..{2**int(num_bits) - 1}; set '
-          f'--config.model.num_bits={max(1, math.ceil(math.log2(top + 1)))} '
-          'or larger, or quantise the images')
+
+
+def override(field: str, value) -> str:
+  """The command-line override that sets ``model.<field>`` to ``value``, in a form the
+  command line takes as it is (no quotes, no spaces): ``--config.model.image_shape=16,16,3``."""
+  if isinstance(value, (tuple, list)):
+    value = ','.join(str(int(v)) for v in value)
+  return f'--config.model.{field}={value}'
+
+
+def check_fit(where: str, shape: Sequence[int], top: int,
+              image_shape: Sequence[int] | None, num_bits: int | None,
+              spec: ModelSpec | None = None, levels: str = '') -> None:
+  """Raises one DataError listing every way the images do not fit the model config.
+
+  Args:
+    where: what holds the images, for the message.
+    shape: (H, W, C) of the images.
+    top: their largest value (255 for data that is 8-bit by nature).
+    image_shape: ``model.image_shape``; None skips the shape check.
+    num_bits: ``model.num_bits``: values must be below ``2**num_bits``; None skips the check.
+    spec: the ModelSpec of the run; given, the suggested overrides are checked against the
+      rest of the model and the message says when they would not be enough.
+    levels: what the message says of the values (default ``values reach <top>``).
+  """
+  shape = tuple(int(s) for s in shape)
+  problems, fixes = [], {}
+  if image_shape is not None and shape != tuple(int(s) for s in image_shape):
+    problems.append(f'images are {"x".join(map(str, shape))} but model.image_shape = '
+                    f'{tuple(int(s) for s in image_shape)}')
+    fixes['image_shape'] = shape
+  if num_bits is not None and int(top) >= 2 ** int(num_bits):
+    problems.append(f'{levels or f"values reach {int(top)}"} but model.num_bits = {num_bits} '
+                    f'allows 0..{2 ** int(num_bits) - 1}')
+    fixes['num_bits'] = max(1, int(top).bit_length())
+  if not problems:
+    return
+  flags = ' '.join(override(field, value) for field, value in fixes.items())
+  message = f'{where} does not fit the model config: {"; ".join(problems)}. '
+  still = _still_fails(spec, fixes)
+  if still:
+    raise DataError(f'{message}{flags} would not be enough: {still}')
+  raise DataError(f'{message}Add: {flags}')
+
+
+def _still_fails(spec: ModelSpec | None, fixes: dict) -> str:
+  """The ConfigError the model would raise with ``fixes`` applied ('' if none or no spec)."""
+  if spec is None:
+    return ''
+  try:
+    spec_from_config({**dataclasses.asdict(spec), **fixes})
+  except ConfigError as e:
+    return str(e)
+  return ''
 
 
 def check_split(split: str, dataset: str) -> None:
