@@ -16,12 +16,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from denseflow_jax import modes
+from denseflow_jax import cli_errors, modes
 from denseflow_jax.config_path import prepare_config_import, shipped_configs
 from denseflow_jax.errors import DenseFlowError, TrainingInterrupted
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file (configs/*.py).',
                                           lock_config=True)
+# A config file that does not load is one error line (cli_errors.py), not a traceback.
+flags.FLAGS['config'].parser = cli_errors.ConfigFileParser('config', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', list(modes.MODES), 'What to run.')
 _MULTIHOST = flags.DEFINE_bool(
@@ -82,8 +84,11 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif any(f.present for f in (flags.FLAGS['coordinator_address'], flags.FLAGS['num_processes'],
                                flags.FLAGS['process_id'])):
-    raise app.UsageError('--coordinator_address, --num_processes and --process_id need '
-                         '--multihost; add it (or drop them for a single-host run)')
+    given = [f'--{name}' for name in ('coordinator_address', 'num_processes', 'process_id')
+             if flags.FLAGS[name].present]
+    raise SystemExit(f'error: {" and ".join(given)} need{"s" if len(given) == 1 else ""} '
+                     f'--multihost; add it (or drop {"it" if len(given) == 1 else "them"} '
+                     'for a single-host run)')
   try:
     modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except TrainingInterrupted as e:   # SIGTERM / Ctrl-C: checkpointed, say how to resume
@@ -96,9 +101,14 @@ def main(argv):
     raise SystemExit(f'error: {e}') from None
 
 
+OWN_FLAGS = ('config', 'workdir', 'mode', 'multihost', 'coordinator_address', 'num_processes',
+             'process_id')
+
+
 def _parse_flags(argv):
-  """absl's parser, plus a one-line error for a misspelled --config.<field> override
-  (ml_collections raises AttributeError / KeyError there, with a traceback)."""
+  """absl's parser, with every mistake as one `error:` line and exit status 1 (absl prints
+  `FATAL Flags parsing error: ...` and a hint line; ml_collections raises AttributeError /
+  KeyError, with a traceback, for a misspelled --config.<field>): cli_errors.py."""
   if any(a in ('-h', '--help', '-help') for a in argv[1:]):
     try:
       print(_help_text())
@@ -107,7 +117,9 @@ def _parse_flags(argv):
     raise SystemExit(0)
   prepare_config_import(argv)     # configs load from any working directory
   try:
-    return app.parse_flags_with_usage(argv)
+    rest = flags.FLAGS(argv)
+  except (flags.Error, ValueError) as e:
+    raise cli_errors.flag_error(e, argv, OWN_FLAGS) from None
   except (AttributeError, KeyError) as e:
     if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):
       e = e.__context__       # the KeyError holds the plain text
@@ -119,6 +131,8 @@ def _parse_flags(argv):
         f'error: unknown config field in {args[0] if args else "a --config override"} '
         f'({text}); check the spelling against the config file (configs/default.py lists '
         'every field); nothing was run') from None
+  cli_errors.check_tuple_overrides(argv)
+  return rest
 
 
 if __name__ == '__main__':
