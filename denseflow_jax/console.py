@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import logging
+import os
 import sys
 import time
 from typing import Optional, TextIO
@@ -30,8 +32,17 @@ from tqdm.auto import tqdm
 
 
 def is_interactive(stream: TextIO) -> bool:
-  """A terminal, where a redrawn bar reads well (not a file or a pipe)."""
-  return bool(getattr(stream, 'isatty', lambda: False)())
+  """A terminal, where a redrawn bar reads well (not a file or a pipe).
+
+  A terminal that reports a width of 0 columns (a pseudo-terminal nobody sized, as some
+  job runners and ``script`` give) counts as not one: tqdm draws nothing there, and plain
+  lines are better than silence."""
+  if not getattr(stream, 'isatty', lambda: False)():
+    return False
+  try:
+    return os.get_terminal_size(stream.fileno()).columns > 0
+  except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+    return True       # a terminal whose width cannot be asked: trust isatty
 
 
 class _LineHandler(logging.Handler):
@@ -110,6 +121,7 @@ class Progress(contextlib.AbstractContextManager):
 
   def close(self) -> None:
     if self._bar is not None:
+      self._bar.set_description(self.desc)   # the last label may be 'evaluating'
       self._bar.close()
       self._bar = None
     if self._root_handlers is not None:

@@ -1,11 +1,16 @@
 """The console of a run: a bar on a terminal, plain periodic lines in a log file, log
 records and story lines kept off the bar, the compile notice, and a finish line and
 TensorBoard folder that name and hold only what exists."""
+import fcntl
 import io
 import logging
+import os
 import pathlib
+import pty
+import struct
 import subprocess
 import sys
+import termios
 
 from denseflow_jax import metrics_log
 from denseflow_jax.console import Progress
@@ -54,6 +59,39 @@ def test_on_a_terminal_the_bar_starts_after_compiling_and_log_records_stay_off_i
   assert line == ['warning: SIGINT received: finishing the current step']
   assert '2/4' in text and '3/4' in text and '1/4' in text
   assert out.getvalue() == ''
+
+
+def _pseudo_terminal_output(columns):
+  """What Progress writes to a real pseudo-terminal ``columns`` wide (0: never sized)."""
+  master, slave = pty.openpty()
+  fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 24, columns, 0, 0))
+  with os.fdopen(slave, 'w') as terminal:
+    with Progress(4, desc='pretrain', stream=terminal, lines=io.StringIO(),
+                  plain_every=2) as progress:
+      interactive = progress.interactive
+      progress.start(0)
+      for step in range(1, 5):
+        progress.update(step, bpd='3.4000')
+  written = b''
+  os.set_blocking(master, False)
+  try:
+    while chunk := os.read(master, 65536):
+      written += chunk
+  except (BlockingIOError, OSError):
+    pass
+  os.close(master)
+  return interactive, written.decode()
+
+
+def test_a_sized_terminal_gets_the_bar_and_an_unsized_one_plain_lines():
+  """tqdm draws nothing on a terminal 0 columns wide (``script``, some job runners): there
+  the plain lines are written instead of nothing."""
+  interactive, written = _pseudo_terminal_output(100)
+  assert interactive and '4/4' in written and '\r' in written
+  interactive, written = _pseudo_terminal_output(0)
+  assert not interactive
+  assert 'pretrain step 2/4 (50.0%): bpd 3.4000' in written
+  assert 'pretrain step 4/4 (100.0%)' in written
 
 
 def test_log_handlers_are_restored():
