@@ -91,8 +91,8 @@ def _allows(flag, argv) -> str:
     kind = _element_kind(default)
     allows = 'a tuple' + (f' of {_KIND_WORDS[kind]}' if kind else '')
     if default:
-      written = repr(default).replace(' ', '')
-      return f'{allows} written like {written} (its value in {_config_file(argv)}),'
+      written = ','.join(str(value) for value in default)   # as the README writes them
+      return f'{allows} written like {written} ({default!r} in {_config_file(argv)}),'
     return allows + ','
   else:
     allows = f'a {parser.flag_type()}'

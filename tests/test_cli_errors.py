@@ -22,7 +22,7 @@ MISTAKES = {
                           ['--config.eval.use_ema must be true or false', "got 'maybe'"]),
     'tuple given a word': (['--config.model.image_shape=abc'],
                            ['--config.model.image_shape must be a tuple of integers',
-                            '(8,8,1)', "got 'abc'"]),
+                            'written like 8,8,1', "got 'abc'"]),
     'unknown mode': (['--mode', 'nonsense'],
                      ['--mode must be one of train, eval, sample', "got 'nonsense'"]),
     'unknown flag': (['--wrokdir=x'], ['unknown flag --wrokdir=x', 'did you mean --workdir?']),
