@@ -20,7 +20,7 @@ from ml_collections import config_dict
 from ml_collections.config_flags import config_flags  # the module: ConfigFileFlagParser
 from ml_collections.config_flags import tuple_parser
 
-from denseflow_jax.config_path import CONFIGS_DIR, config_argument, shipped_configs
+from denseflow_jax.config_path import config_argument, shipped_configs_text
 
 HELP_HINT = 'python -m denseflow_jax.main --help'
 
@@ -159,11 +159,8 @@ class ConfigFileParser(config_flags.ConfigFileFlagParser):
 
 
 def required_config() -> SystemExit:
-  names = shipped_configs()
-  hint = (f'shipped configs, in {CONFIGS_DIR}: {", ".join(names)}' if names else
-          'configs/*.py in the repository')
   return usage_error('--config is required: pass a config file, e.g. --config '
-                     f'configs/digits.py ({hint})')
+                     f'configs/digits.py ({shipped_configs_text()})')
 
 
 def flag_error(error: Exception, argv: Sequence[str],

@@ -29,6 +29,15 @@ def shipped_configs() -> list:
   return sorted(p.name for p in CONFIGS_DIR.glob('*.py') if not p.name.startswith('_'))
 
 
+def shipped_configs_text() -> str:
+  """Where the shipped configs are and their names, for help and error messages: their
+  folder in full, since a command may run from any working directory."""
+  names = shipped_configs()
+  if not names:   # a non-editable install has no configs/ beside the package
+    return 'configs/*.py in the repository'
+  return f'the shipped configs, in {CONFIGS_DIR}: {", ".join(names)}'
+
+
 def prepare_config_import(argv: Sequence[str]) -> None:
   """Raise SystemExit('error: ...') for a missing config file; make its package importable."""
   value = config_argument(argv)
@@ -36,10 +45,7 @@ def prepare_config_import(argv: Sequence[str]) -> None:
     return
   path = pathlib.Path(value.split(':', 1)[0]).expanduser()   # FILE[:overrides] form
   if not path.is_file():
-    known = shipped_configs()
-    hint = f'the shipped configs are in {CONFIGS_DIR}: {", ".join(known)}' if known else (
-        'pass the path of a config file, e.g. configs/cifar10.py from the repository root')
-    raise SystemExit(f'error: --config {value}: no such file; {hint}')
+    raise SystemExit(f'error: --config {value}: no such file; {shipped_configs_text()}')
   folder = path.resolve().parent
   root = folder.parent if (folder / '__init__.py').exists() else folder
   if str(root) not in sys.path:

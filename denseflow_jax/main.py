@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from denseflow_jax import cli_errors, modes
-from denseflow_jax.config_path import prepare_config_import, shipped_configs
+from denseflow_jax.config_path import prepare_config_import, shipped_configs_text
 from denseflow_jax.errors import DenseFlowError, TrainingInterrupted
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path of a config file (configs/*.py).',
@@ -47,7 +47,7 @@ HELP = """usage: python -m denseflow_jax.main --config CONFIG [--workdir DIR] [-
 modes (--mode):
 {modes}
 
-configs: {configs}
+{configs}
 
 common overrides:
   --config.train.batch_size=64  --config.train.num_steps=N  --config.seed=1
@@ -60,10 +60,8 @@ every field: configs/default.py; all flags: --helpfull; documentation: README.md
 
 
 def _help_text() -> str:
-  names = shipped_configs()
   lines = '\n'.join(f'  {name:<12} {mode.help}' for name, mode in modes.MODES.items())
-  return HELP.format(modes=lines, configs=', '.join(f'configs/{n}' for n in names) if names
-                     else 'configs/*.py in the repository')
+  return HELP.format(modes=lines, configs=shipped_configs_text())
 
 
 def main(argv):
