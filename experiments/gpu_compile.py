@@ -19,7 +19,10 @@ and prints ONE JSON line per program: trace / lower / compile seconds; the kerne
 call launches, by kind and by model part (forward and backward), loops expanded, and
 the bytes they read and write (experiments/hlo_kernels.py); XLA's memory analysis;
 FLOPs counted on the jaxpr (experiments/flops.py; per image); collectives by kind with
-their bytes. `--hlo_dir` keeps each program's optimised HLO text.
+their bytes. `--hlo_dir` keeps each program's optimised HLO text. `--state_layout auto`
+compiles the train step with the state's memory layouts left to XLA (the line then says
+how many state leaves it laid out other than row-major): an experiment, not what
+training compiles (experiments/RESULTS.md).
 
 A venv of its own: without a GPU the CUDA plugin logs to the stderr of every JAX process.
 Nothing runs: the programs are compiled (ptxas for sm_90a really runs) and read.
@@ -43,6 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
+from jax.experimental.layout import Format, Layout  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import flops  # noqa: E402
@@ -64,6 +68,10 @@ _GPUS = flags.DEFINE_integer('gpus', 1, 'Number of GPUs (one host, data-parallel
 _PROGRAMS = flags.DEFINE_list('programs', list(PROGRAMS), f'Any of {", ".join(PROGRAMS)}.')
 _HLO_DIR = flags.DEFINE_string('hlo_dir', '', 'Write each optimised HLO module here.')
 _LABEL = flags.DEFINE_string('label', '', 'Copied into every line (name of the variant).')
+_STATE_LAYOUT = flags.DEFINE_enum(
+    'state_layout', 'default', ['default', 'auto'],
+    'Memory layouts of the train state: row-major (default: what training uses) or left to '
+    'XLA (auto: Layout.AUTO for the state in and out; an experiment, experiments/RESULTS.md).')
 
 
 class CompileError(RuntimeError):
@@ -104,7 +112,30 @@ def _batch_of(mesh, shape, dtype, field: str, batch: int):
   return jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=sharding.batch_sharding(mesh))
 
 
-def traced_program(name: str, config, spec, mesh, variables, state):
+def auto_layout_train_step(spec, settings: TrainSettings, mesh):
+  """The train step of `train_step.make_train_step`, but with the memory layouts of the
+  state (in, and out: it is donated) chosen by XLA (`Layout.AUTO`) instead of row-major.
+  Row-major conv kernels are not cuDNN's layout, so the update of every kernel reads
+  transposed operands and cannot be written in place: XLA adds a copy into each donated
+  buffer, and each module's slice of a stacked kernel is transposed before its call."""
+  fn = train_step.train_step_fn(model_lib.make_model(spec), settings.step_settings(1000))
+  rep = sharding.replicated(mesh)
+  auto = Format(Layout.AUTO, rep)
+  return jax.jit(fn, in_shardings=(auto, sharding.batch_sharding(mesh), rep),
+                 out_shardings=(auto, rep), donate_argnums=(0,))
+
+
+def non_default_layouts(compiled) -> dict:
+  """How many state leaves the compiled step takes in a layout other than row-major."""
+  formats = jax.tree.leaves(compiled.input_formats[0][0],
+                            is_leaf=lambda leaf: isinstance(leaf, Format))
+  moved = [f for f in formats if f.layout is not None and
+           tuple(f.layout.major_to_minor) != tuple(range(len(f.layout.major_to_minor)))]
+  return {'state_leaves': len(formats), 'state_leaves_not_row_major': len(moved)}
+
+
+def traced_program(name: str, config, spec, mesh, variables, state,
+                   state_layout: str = 'default'):
   """(jax Traced of the program, its batch). Every program's batch is sharded over the
   GPUs (evaluation and sampling data-parallel like the train step)."""
   key = jax.random.PRNGKey(0)
@@ -113,7 +144,8 @@ def traced_program(name: str, config, spec, mesh, variables, state):
     settings = TrainSettings.from_config(config)
     images = _batch_of(mesh, spec.image_shape, jnp.uint8, 'train.batch_size',
                        settings.batch_size)
-    step = train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000)
+    step = (auto_layout_train_step(spec, settings, mesh) if state_layout == 'auto' else
+            train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000))
     return step.trace(state, images, key), settings.batch_size
   model = model_lib.make_model(spec)
   if name == 'eval':
@@ -137,10 +169,11 @@ def _memory(compiled) -> dict:
   return gib
 
 
-def compile_program(name: str, config, spec, mesh, variables, state, hlo_dir: str = '') -> dict:
+def compile_program(name: str, config, spec, mesh, variables, state, hlo_dir: str = '',
+                    state_layout: str = 'default') -> dict:
   """One program's figures (module docstring); `variables`, `state` from abstract_state."""
   start = time.perf_counter()
-  traced, batch = traced_program(name, config, spec, mesh, variables, state)
+  traced, batch = traced_program(name, config, spec, mesh, variables, state, state_layout)
   trace_s = time.perf_counter() - start
   lowered = traced.lower(lowering_platforms=('cuda',))
   lower_s = time.perf_counter() - start - trace_s
@@ -151,6 +184,7 @@ def compile_program(name: str, config, spec, mesh, variables, state, hlo_dir: st
     pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(hlo_dir) / f'{name}.hlo.txt').write_text(text)
   kernels = hlo_kernels.count_kernels(text)
+  layouts = non_default_layouts(compiled) if name == 'train' else {}
   return {
       'program': name, 'batch': batch, 'compute_dtype': spec.compute_dtype,
       'remat': spec.remat, 'scan_unroll': spec.scan_unroll,
@@ -167,6 +201,7 @@ def compile_program(name: str, config, spec, mesh, variables, state, hlo_dir: st
       'gb_by_part': {k: round(v / 1e9, 3) for k, v in kernels['bytes_by_part'].items()},
       'by_part_kind': kernels['by_part_kind'],
       'unknown_trip_counts': kernels['unknown_trip_counts'],
+      **({'state_layout': state_layout, **layouts} if name == 'train' else {}),
   }
 
 
@@ -188,7 +223,8 @@ def main(argv):
   variables, state = abstract_state(spec, config, mesh)
   for name in _PROGRAMS.value:
     try:
-      line = compile_program(name, config, spec, mesh, variables, state, _HLO_DIR.value)
+      line = compile_program(name, config, spec, mesh, variables, state, _HLO_DIR.value,
+                             _STATE_LAYOUT.value)
     except (CompileError, ConfigError) as error:
       print(f'error: {error}', file=sys.stderr)
       return 2
