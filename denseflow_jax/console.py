@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import logging
 import os
 import sys
@@ -41,7 +40,7 @@ def is_interactive(stream: TextIO) -> bool:
     return False
   try:
     return os.get_terminal_size(stream.fileno()).columns > 0
-  except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+  except (AttributeError, OSError, ValueError):   # no fileno, not a terminal, closed
     return True       # a terminal whose width cannot be asked: trust isatty
 
 

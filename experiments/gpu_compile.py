@@ -59,6 +59,7 @@ from denseflow_jax.spec import spec_from_config  # noqa: E402
 TARGETS = {'h200': HERE / 'gpu_targets' / 'h200.txtpb',
            'h100': HERE / 'gpu_targets' / 'h100_sxm.txtpb'}
 PROGRAMS = ('train', 'eval', 'sample')
+STEPS_PER_EPOCH = 1000   # a constant of the lr schedule alone: the kernels do not depend on it
 INSTALL = ('run it in a venv with pip install -e ".[gpu-compile]" (JAX\'s CUDA plugin at '
            'jax\'s version and ptxas; README, "The GPU program, compiled without a GPU")')
 
@@ -98,7 +99,7 @@ def abstract_state(spec, config, mesh):
   initialisation (jax.eval_shape) on one image per GPU: their shapes do not depend on
   the batch, so every program shares them."""
   settings = dataclasses.replace(TrainSettings.from_config(config), batch_size=mesh.size)
-  init, to_state = train_step.make_state_init(spec, settings, mesh, steps_per_epoch=1000)
+  init, to_state = train_step.make_state_init(spec, settings, mesh, STEPS_PER_EPOCH)
   one_each = jax.ShapeDtypeStruct((mesh.size, *spec.image_shape), jnp.uint8)
   variables = jax.eval_shape(init, jax.random.PRNGKey(0), one_each)
   replicated = sharding.replicated(mesh)
@@ -118,7 +119,8 @@ def auto_layout_train_step(spec, settings: TrainSettings, mesh):
   Row-major conv kernels are not cuDNN's layout, so the update of every kernel reads
   transposed operands and cannot be written in place: XLA adds a copy into each donated
   buffer, and each module's slice of a stacked kernel is transposed before its call."""
-  fn = train_step.train_step_fn(model_lib.make_model(spec), settings.step_settings(1000))
+  step_settings = settings.step_settings(STEPS_PER_EPOCH)
+  fn = train_step.train_step_fn(model_lib.make_model(spec), step_settings)
   rep = sharding.replicated(mesh)
   auto = Format(Layout.AUTO, rep)
   return jax.jit(fn, in_shardings=(auto, sharding.batch_sharding(mesh), rep),
@@ -145,7 +147,7 @@ def traced_program(name: str, config, spec, mesh, variables, state,
     images = _batch_of(mesh, spec.image_shape, jnp.uint8, 'train.batch_size',
                        settings.batch_size)
     step = (auto_layout_train_step(spec, settings, mesh) if state_layout == 'auto' else
-            train_step.make_train_step(spec, settings, mesh, steps_per_epoch=1000))
+            train_step.make_train_step(spec, settings, mesh, STEPS_PER_EPOCH))
     return step.trace(state, images, key), settings.batch_size
   model = model_lib.make_model(spec)
   if name == 'eval':
@@ -184,7 +186,8 @@ def compile_program(name: str, config, spec, mesh, variables, state, hlo_dir: st
     pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(hlo_dir) / f'{name}.hlo.txt').write_text(text)
   kernels = hlo_kernels.count_kernels(text)
-  layouts = non_default_layouts(compiled) if name == 'train' else {}
+  train_only = ({'state_layout': state_layout, **non_default_layouts(compiled)}
+                if name == 'train' else {})
   return {
       'program': name, 'batch': batch, 'compute_dtype': spec.compute_dtype,
       'remat': spec.remat, 'scan_unroll': spec.scan_unroll,
@@ -201,7 +204,7 @@ def compile_program(name: str, config, spec, mesh, variables, state, hlo_dir: st
       'gb_by_part': {k: round(v / 1e9, 3) for k, v in kernels['bytes_by_part'].items()},
       'by_part_kind': kernels['by_part_kind'],
       'unknown_trip_counts': kernels['unknown_trip_counts'],
-      **({'state_layout': state_layout, **layouts} if name == 'train' else {}),
+      **train_only,
   }
 
 

@@ -77,7 +77,7 @@ def _pseudo_terminal_output(columns):
   try:
     while chunk := os.read(master, 65536):
       written += chunk
-  except (BlockingIOError, OSError):
+  except OSError:       # drained (EAGAIN), or the terminal's side is closed (EIO)
     pass
   os.close(master)
   return interactive, written.decode()
