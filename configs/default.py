@@ -28,10 +28,17 @@ def get_config():
   # Performance knobs: they do not change the maths.
   m.compute_dtype = 'float32'          # dtype of convolutions / attention ('bfloat16')
   m.remat = False                      # rematerialise coupling networks (saves memory)
-  # Modules of a unit per scan iteration. >= the modules per unit (here 64) unrolls the
-  # unit: on XLA:CPU a rolled scan made the train step ~12-100x slower (experiments/
-  # RESULTS.md); 1 keeps compile time flat in depth. Check both on your accelerator.
-  m.scan_unroll = 64
+  # Modules of a unit per scan iteration. 0 follows the platform: rolled (1) on a TPU, where
+  # the unrolled DenseFlow-74-10 train step did not compile within 24 GB of host memory;
+  # unrolled on GPUs (45% fewer kernels) and CPUs (a rolled scan ran ~12-100x slower).
+  # 1 keeps compile time flat in depth everywhere (experiments/RESULTS.md).
+  m.scan_unroll = 0
+  # Float32 convolutions and dots on an accelerator (jax.lax.Precision): 'default' is one
+  # bfloat16 pass on a TPU and TF32 on an NVIDIA GPU; 'high' is three bfloat16 passes on a
+  # TPU (about float32) and still TF32 on a GPU; 'highest' is float32 everywhere. CPUs compute
+  # float32 whatever the value. 'high': one bfloat16 pass moved a trained model's bits/dim
+  # by +0.005 and its invertibility error to 3 levels of an 8-bit image (README, "Precision").
+  m.precision = 'high'
 
   # ---- data ----
   d = config.data = ml_collections.ConfigDict()

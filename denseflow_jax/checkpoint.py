@@ -28,7 +28,8 @@ devices, e.g. by several hosts (``--multihost``) read on one machine.
 
 A stored config whose ``model`` section differs from the current one is refused with
 :class:`CheckpointError` naming every differing field; the performance knobs that do
-not change the parameters (``model.compute_dtype``, ``model.remat``, ``model.scan_unroll``) may differ.
+not change the parameters (``model.compute_dtype``, ``model.remat``, ``model.scan_unroll``,
+``model.precision``) may differ.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ TRAIN_ITEMS = ('state', 'data', 'config', 'meta')
 FORMAT = 'denseflow_jax.checkpoint/1'
 
 # model.* fields that change speed or memory, not the parameters: they may differ on resume.
-MODEL_FIELDS_FREE_TO_CHANGE = ('compute_dtype', 'remat', 'scan_unroll')
+MODEL_FIELDS_FREE_TO_CHANGE = ('compute_dtype', 'remat', 'scan_unroll', 'precision')
 
 
 # ---------------------------------------------------------------------------

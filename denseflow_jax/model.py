@@ -28,6 +28,7 @@ from denseflow_jax.flows.gaussian import ChannelGaussian
 from denseflow_jax.flows.squeeze import squeeze, unsqueeze
 from denseflow_jax.flows.squeeze_drop import squeeze_drop_forward, squeeze_drop_inverse
 from denseflow_jax.nets.coupling_net import DenseAttentionNet, GlowNet
+from denseflow_jax.precision import with_matmul_precision
 from denseflow_jax.spec import ModelSpec, spec_from_config
 
 
@@ -55,10 +56,11 @@ class DenseFlow(nn.Module):
     self.blocks = [
         DenseFlowBlock(units, modules, coupling_net_factory(spec, mid), growth=spec.growth,
                        noise=spec.noise, conv1x1=spec.conv1x1, dtype=spec.dtype,
-                       unroll=spec.scan_unroll)
+                       unroll=spec.unroll_for(jax.default_backend()))
         for units, modules, mid in zip(spec.block_config, spec.layers_config, spec.mid_channels)]
     self.prior = ChannelGaussian(spec.latent_shape()[-1])
 
+  @with_matmul_precision
   def encode(self, x, noise, train: bool = False):
     """uint8 images -> (continuous y in [0,1), final latent [B, h, w, c],
     dropped halves (data-side order), sum of all log-p terms but the prior [B])."""
@@ -74,16 +76,19 @@ class DenseFlow(nn.Module):
         dropped.append(drop)
     return y, h, dropped, logdet
 
+  @with_matmul_precision
   def forward(self, x, noise, train: bool = False):
     """uint8 images -> (final latent, sum of all log-p terms but the prior [B])."""
     _, z, _, logdet = self.encode(x, noise, train)
     return z, logdet
 
+  @with_matmul_precision
   def log_prob(self, x, noise, train: bool = False):
     """One-sample lower bound on log P(x) in nats, [B]."""
     z, logdet = self.forward(x, noise, train)
     return logdet + self.prior.log_prob(z)
 
+  @with_matmul_precision
   def inverse(self, z, dropped: Sequence[Any]):
     """Latent and dropped halves (data-side order) -> continuous image in [0, 1)."""
     h = z
@@ -93,6 +98,7 @@ class DenseFlow(nn.Module):
       h = self.blocks[b](h, inverse=True)
     return unsqueeze(h) + 0.5
 
+  @with_matmul_precision
   def sample_continuous(self, eps, dropped_eps: Sequence[Any], temperature=1.0):
     """Standard-normal draws -> continuous samples; every draw is scaled by `temperature`."""
     z = self.prior.sample(temperature * eps)

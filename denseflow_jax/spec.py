@@ -17,6 +17,10 @@ COUPLING_NETS = ('dense_attention', 'glow')
 DEQUANTIZATIONS = ('variational', 'uniform')
 CONV1X1_KINDS = ('full', 'lu')
 DTYPES = ('float32', 'bfloat16', 'float16')
+# jax.lax.Precision names: how a float32 convolution or dot runs on an accelerator (README,
+# "Precision"): 'default' one bfloat16 pass on a TPU, TF32 on an NVIDIA GPU; 'high' three
+# bfloat16 passes on a TPU (about float32), TF32 on a GPU; 'highest' float32 everywhere.
+PRECISIONS = ('default', 'high', 'highest')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +41,25 @@ class ModelSpec:
   conv1x1: str
   compute_dtype: str
   remat: bool
-  scan_unroll: int              # modules per scan iteration (>= modules per unit: unrolled)
+  scan_unroll: int              # modules per scan iteration; 0: per platform (unroll_for)
+  precision: str                # float32 convolutions and dots (PRECISIONS)
 
   @property
   def growth(self) -> int:
     """Channels appended per unit: 0 when cross-unit augmentation is off."""
     return self.growth_rate if self.cross_unit else 0
+
+  def unroll_for(self, platform: str) -> int:
+    """Modules per scan iteration on `platform` (jax.default_backend(): 'tpu', 'gpu', 'cpu').
+
+    `scan_unroll` when set (>= 1). 0 follows the platform: rolled (1) on a TPU, where the
+    unrolled DenseFlow-74-10 train step could not be compiled in 24 GB of host memory and
+    the rolled one compiles in minutes (experiments/RESULTS.md, "The TPU program");
+    unrolled elsewhere: on a GPU it launches 45% fewer kernels, on XLA:CPU a rolled scan
+    ran 12-100x slower."""
+    if self.scan_unroll:
+      return self.scan_unroll
+    return 1 if platform == 'tpu' else max(self.layers_config)
 
   @property
   def dims(self) -> int:
@@ -110,13 +127,14 @@ def spec_from_config(model_config) -> ModelSpec:
   if spec.cross_unit and spec.growth_rate <= 0 and max(spec.block_config) > 1:
     raise ConfigError(f'model.growth_rate must be positive with cross-unit coupling, got '
                       f'{spec.growth_rate}; set model.cross_unit=False to switch augmentation off')
-  if spec.scan_unroll < 1:
-    raise ConfigError(f'model.scan_unroll must be at least 1, got {spec.scan_unroll}')
+  if spec.scan_unroll < 0:
+    raise ConfigError(f'model.scan_unroll must be 0 (per platform) or at least 1, got '
+                      f'{spec.scan_unroll}')
   if not 1 <= spec.num_bits <= 8:
     raise ConfigError(f'model.num_bits must be in 1..8 (uint8 images), got {spec.num_bits}')
   for key, allowed in (('noise', NOISE_KINDS), ('coupling_net', COUPLING_NETS),
                        ('dequantization', DEQUANTIZATIONS), ('conv1x1', CONV1X1_KINDS),
-                       ('compute_dtype', DTYPES)):
+                       ('compute_dtype', DTYPES), ('precision', PRECISIONS)):
     if getattr(spec, key) not in allowed:
       raise ConfigError(f'model.{key} must be one of {allowed}, got {getattr(spec, key)!r}')
 

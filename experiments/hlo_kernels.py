@@ -1,4 +1,4 @@
-"""The kernels of a compiled XLA:GPU program, read from its optimised HLO text.
+"""The ops of a compiled XLA program (GPU or TPU), read from its optimised HLO text.
 
     kernels = count_kernels(compiled.as_text())
 
@@ -7,8 +7,12 @@ XLA:GPU launches one kernel (or one library call) for each instruction of a
 branches) that is not pure bookkeeping: a `fusion` (elementwise "loop", reduction
 "input", Triton GEMM, cuDNN fusion, ...), a `custom-call` (cuDNN convolution, cuBLAS
 GEMM, cuSOLVER LU, ...), a `copy`, a collective, and any other op left unfused.
-A while loop's body counts once per iteration (`known_trip_count`), its condition
-once more; a conditional counts its largest branch.
+XLA:TPU runs the same kinds of instruction one after another on a core: fusions
+("output" fusions hold the convolutions and dots, "loop" the elementwise work), copies,
+async slices, collectives, custom calls (LU blocks, ...); we count them the same way.
+A while loop's body counts once per iteration (`known_trip_count`; XLA:TPU does not write
+it, so there the bound of the condition's `i < N` compare), its condition once more; a
+conditional counts its largest branch. An async op (`-start` / `-done`) counts once.
 
 For each kernel we record
   * its kind (`kind_of`),
@@ -38,6 +42,7 @@ _OPERAND = re.compile(r'%([\w.\-]+)')
 _CALLS = re.compile(r'\b(calls|body|condition|to_apply)=%([\w.\-]+)')
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONSTANT = re.compile(r'constant\((\d+)\)')
 _KIND = re.compile(r'\bkind=(k\w+)')
 _BACKEND_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
@@ -238,6 +243,20 @@ class _Program:
         result = in_place[1]
     return sum(operand_bytes) + result
 
+  def trip_count(self, while_inst: Instruction):
+    """Iterations of a while loop: XLA:GPU's known_trip_count, or a condition whose root
+    is `i < N` with a constant N (a scan from 0, as XLA:TPU leaves it); else None."""
+    trip = _TRIP.search(while_inst.attributes)
+    if trip:
+      return int(trip.group(1))
+    condition = self.computations.get(dict(_CALLS.findall(while_inst.attributes))['condition'], [])
+    if not condition or condition[-1].opcode != 'compare' or 'direction=LT' not in condition[-1].attributes:
+      return None
+    by_name = {i.name: i for i in condition}
+    bound = by_name.get(condition[-1].operands[-1])
+    number = _CONSTANT.search(f'{bound.opcode}({bound.arguments})') if bound else None
+    return int(number.group(1)) if number and bound.opcode == 'constant' else None
+
   def stats(self, name: str) -> KernelStats:
     if name in self._memo:
       return self._memo[name]
@@ -245,8 +264,8 @@ class _Program:
     for inst in self.computations[name]:
       if inst.opcode == 'while':
         called = dict(_CALLS.findall(inst.attributes))
-        trip = _TRIP.search(inst.attributes)
-        n = int(trip.group(1)) if trip else 1
+        trip = self.trip_count(inst)
+        n = 1 if trip is None else trip
         stats.unknown_trip_counts += trip is None
         stats.add(self.stats(called['body']), n)
         stats.add(self.stats(called['condition']), n + 1)
@@ -256,7 +275,7 @@ class _Program:
         stats.add(max((self.stats(b) for b in branches), key=lambda s: s.kernels))
       elif inst.opcode == 'call':
         stats.add(self.stats(_CALLS.search(inst.attributes).group(2)))
-      elif inst.opcode not in _FREE:
+      elif inst.opcode not in _FREE and not inst.opcode.endswith('-done'):
         kind, part, moved = kind_of(inst), part_of(inst), self.kernel_bytes(inst)
         stats.by_kind[kind] += 1
         stats.by_part[part] += 1
@@ -272,7 +291,7 @@ class _Program:
 
 
 def count_kernels(text: str) -> dict:
-  """Kernel counts of an optimised XLA:GPU HLO module (see the module docstring):
+  """Kernel (op) counts of an optimised XLA HLO module (see the module docstring):
   {'kernels', 'by_kind', 'by_part', 'by_part_kind', 'kernel_bytes', 'bytes_by_kind',
    'bytes_by_part', 'collectives', 'unknown_trip_counts'}."""
   program = _Program(text)

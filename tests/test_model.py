@@ -90,6 +90,8 @@ def test_initialising_pass_log_prob_equals_a_training_pass_with_its_variables():
     ({'block_config': (6, 4)}, 'one entry per block'),
     ({'coupling_net': 'resnet'}, "coupling_net must be one of"),
     ({'num_bits': 9}, 'num_bits must be in 1..8'),
+    ({'precision': 'float32'}, "precision must be one of \\('default', 'high', 'highest'\\)"),
+    ({'scan_unroll': -1}, 'scan_unroll must be 0 \\(per platform\\) or at least 1'),
     ({'grwoth_rate': 10}, "unknown model config keys \\['grwoth_rate'\\]"),
 ])
 def test_bad_model_config_is_refused_before_anything_runs(overrides, message):
@@ -97,6 +99,14 @@ def test_bad_model_config_is_refused_before_anything_runs(overrides, message):
   config.update(overrides)
   with pytest.raises(ConfigError, match=message):
     spec_from_config(config)
+
+
+@pytest.mark.parametrize('scan_unroll, platform, expected', [
+    (0, 'tpu', 1), (0, 'gpu', 20), (0, 'cpu', 20), (5, 'tpu', 5), (64, 'gpu', 64)])
+def test_scan_unroll_zero_follows_the_platform(scan_unroll, platform, expected):
+  """0: rolled on a TPU, every module of the largest unit unrolled elsewhere (DenseFlow-74-10's
+  units have 5, 6 and 20 modules); a set value is kept on every platform."""
+  assert model_spec(scan_unroll=scan_unroll).unroll_for(platform) == expected
 
 
 def _ablation_table():

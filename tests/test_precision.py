@@ -61,3 +61,39 @@ def test_remat_gives_the_same_loss_and_gradients(setup):
   np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _conv_and_dot_precisions(jaxpr) -> list:
+  """The precision of every convolution and dot in `jaxpr`, nested jaxprs included, but
+  not those of jnp.linalg's solves (custom_linear_solve: JAX fixes them at HIGHEST)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'custom_linear_solve':
+      continue
+    if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
+      found.append(eqn.params['precision'])
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          found += _conv_and_dot_precisions(inner)
+  return found
+
+
+@pytest.mark.parametrize('precision', ['default', 'high', 'highest'])
+def test_model_precision_reaches_every_convolution_and_dot(setup, precision):
+  """model.precision is traced into every convolution and dot of the bound and of the
+  inverse (the 1x1 convolutions' linear algebra and the attention's small matmuls too),
+  whatever JAX's own default is around the call."""
+  x, variables, noise = setup
+  model = model_lib.make_model(dataclasses.replace(SPEC, precision=precision))
+  expected = jax.lax.Precision(precision)
+  z = jax.random.normal(jax.random.PRNGKey(4), (4, *SPEC.latent_shape()))
+  programs = [
+      lambda: model.apply(variables, x, noise, method=DenseFlow.log_prob),
+      lambda: model.apply(variables, z, [], method=DenseFlow.inverse)]
+  for program in programs:
+    with jax.default_matmul_precision('highest' if precision != 'highest' else 'default'):
+      found = _conv_and_dot_precisions(jax.make_jaxpr(program)().jaxpr)
+    assert len(found) > 10
+    assert all(p in (expected, (expected, expected)) for p in found), set(map(str, found))

@@ -8,8 +8,21 @@ Evaluation: the running statistics replace the batch statistics.
 Flax's BatchNorm keeps the biased variance in its running average, which would
 make converted official statistics drift differently; hence this small module.
 Statistics are computed in float32 whatever the compute dtype.
+
+The batch statistics come from ONE reduction, the per-channel means of (x - K) and
+(x - K)^2 with K the running mean (a constant here: stop_gradient):
+
+    mean_B = K + E[x - K],   var_B = E[(x - K)^2] - E[x - K]^2
+
+On several devices the batch is sharded, and each reduction is an all-reduce on the
+critical path: mean then E[(x - mean)^2] would be two, one after the other, in every
+coupling network's forward pass (issue #26). Shifting by K keeps the one-pass formula
+accurate: K is close to the batch mean once training has run a few steps, so the
+subtraction does not cancel (at the first pass K = 0, as in the two-pass form's first
+step). Mathematically var_B does not depend on K, so neither do its gradients.
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from denseflow_jax.precision import flow_float
@@ -30,8 +43,12 @@ class BatchNorm(nn.Module):
     x32 = flow_float(x)
     if train:
       axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x32, axes)
-      var = jnp.mean(jnp.square(x32 - mean), axes)
+      shift = jax.lax.stop_gradient(running_mean.value)
+      centred = x32 - shift
+      moments = jnp.mean(jnp.concatenate([centred, jnp.square(centred)], axis=-1), axes)
+      offset, mean_square = moments[:channels], moments[channels:]
+      mean = shift + offset
+      var = jnp.maximum(mean_square - jnp.square(offset), 0.0)
       # Also during `init`: the official first (data-dependent initialisation) pass is a
       # training-mode forward that updates the running statistics once.
       n = x.size // channels
