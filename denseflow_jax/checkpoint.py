@@ -310,6 +310,20 @@ def _workdir_checkpointer(directory: pathlib.Path) -> TrainCheckpointer:
   return checkpointer
 
 
+def resumed_config(workdir: str | os.PathLike) -> Optional[dict]:
+  """The config stored with the checkpoint a training run in ``workdir`` would resume (its
+  latest complete one), or None where there is none or it cannot be read (the restore
+  words that). Reads only: nothing is created."""
+  checkpointer = TrainCheckpointer(workdir, keep=0, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    return None if step is None else checkpointer.stored_config(step)
+  except CheckpointError:
+    return None
+  finally:
+    checkpointer.close()
+
+
 def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = False) -> dict:
   """``{'params', 'batch_stats'}`` (nested dicts of arrays) from a checkpoint.
 
