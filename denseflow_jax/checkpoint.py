@@ -187,8 +187,13 @@ class TrainCheckpointer:
             f'{self.directory} to resume without it ({fallback}), or use a new --workdir')
 
   def stored_config(self, step: int) -> dict:
+    return self.stored_json(step, 'config')
+
+  def stored_json(self, step: int, item: str) -> dict:
+    """A JSON item of checkpoint ``step``: 'config', 'data' (the data stream's position) or
+    'meta'."""
     try:
-      return self._restore(step, config=ocp.args.JsonRestore())['config']
+      return self._restore(step, **{item: ocp.args.JsonRestore()})[item]
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(self._damaged(step, e)) from e
 
