@@ -141,14 +141,14 @@ def train(config, s: Settings, workdir):
   test_split = functools.cache(lambda: _test_split(s))   # at the first evaluation, once
 
   def eval_fn(state, step):
-    variables = eval_variables(state, s.eval.use_ema)
+    variables = eval_variables(state, s.eval.prefer_ema)
     result = evaluate_lib.evaluate_dataset(model, variables, test_split(), key, periodic,
                                            prefetch=s.data.prefetch, log_prob_fn=log_prob_fn,
                                            progress=False)
     return {'test_bpd': result['elbo_bpd']}
 
   def sample_fn(state, step):
-    variables = eval_variables(state, s.eval.use_ema)
+    variables = eval_variables(state, s.eval.prefer_ema)
     images = sampling.sample_images(model, variables, jax.random.fold_in(key, step),
                                     s.sample.num, s.sample.temperature, s.sample.batch_size)
     os.makedirs(samples_dir, exist_ok=True)

@@ -139,7 +139,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                       *data_lib.train_top_level(s.data, s.model.image_shape, s.model.num_bits))
     cleanup.callback(iterator.close)
     return _train_loop(_Run(
-        config, workdir, s.train, s.eval.use_ema, s.run.seed, s.run.checkpoint, s.model, mesh,
+        config, workdir, s.train, s.eval.prefer_ema, s.run.seed, s.run.checkpoint, s.model, mesh,
         batch, checkpointer, latest, iterator, eval_fn, sample_fn))
 
 
