@@ -79,7 +79,13 @@ def get_config():
   e.batch_size = 256
   e.k = 1000                           # importance samples for the IWBO
   e.k_chunk = 50                       # samples per pass
-  e.use_ema = True
+  # Which parameters every mode evaluates and samples (and training keeps in WORKDIR/best):
+  # None (the default) follows the run: its EMA parameters where it kept them
+  # (train.ema_decay > 0), else the raw ones, silently. True asks for the EMA parameters and
+  # says so in one note: line where the run has none; False takes the raw ones. The default
+  # follows the run, not train.ema_decay: --mode eval is usually run without the overrides
+  # that trained the run. A reference typed bool: the command line takes true / false.
+  e.use_ema = ml_collections.FieldReference(None, field_type=bool)
   e.num_examples = -1                  # -1 = whole test split
   e.which = 'latest'                   # every mode that loads a model: the latest checkpoint
                                        # of --workdir, or 'best' (WORKDIR/best: the best

@@ -188,8 +188,13 @@ class TrainCheckpointer:
             f'{self.directory} to resume without it ({fallback}), or use a new --workdir')
 
   def stored_config(self, step: int) -> dict:
+    return self.stored_json(step, 'config')
+
+  def stored_json(self, step: int, item: str) -> dict:
+    """A JSON item of checkpoint ``step``: 'config', 'data' (the data stream's position) or
+    'meta'."""
     try:
-      return self._restore(step, config=ocp.args.JsonRestore())['config']
+      return self._restore(step, **{item: ocp.args.JsonRestore()})[item]
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(self._damaged(step, e)) from e
 
@@ -309,6 +314,20 @@ def _workdir_checkpointer(directory: pathlib.Path) -> TrainCheckpointer:
   if checkpointer.latest_step() is None:
     raise CheckpointError(f'training workdir {workdir} holds no complete checkpoint')
   return checkpointer
+
+
+def resumed_config(workdir: str | os.PathLike) -> Optional[dict]:
+  """The config stored with the checkpoint a training run in ``workdir`` would resume (its
+  latest complete one), or None where there is none or it cannot be read (the restore
+  words that). Reads only: nothing is created."""
+  checkpointer = TrainCheckpointer(workdir, keep=0, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    return None if step is None else checkpointer.stored_config(step)
+  except CheckpointError:
+    return None
+  finally:
+    checkpointer.close()
 
 
 def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = False) -> dict:

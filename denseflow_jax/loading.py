@@ -13,12 +13,13 @@ and returns what it read as ``loaded``: ``{'checkpoint', 'which', 'step', 'param
 not say). Result files carry ``loaded`` in their JSON and :func:`loaded_label`
 ('latest_ema', 'best_raw', 'checkpoint', ...) at the end of their name.
 
-With ``eval.use_ema=True`` and variables that hold no EMA parameters (a run with
-``train.ema_decay=0``, or a WORKDIR/best saved from the raw parameters) it prints one
-``note:`` line on stderr (:func:`no_ema_note`) and uses the raw parameters, which the
-result files call ``raw``. It does so with the defaults too (``eval.use_ema=True``,
-``train.ema_decay=0``): one line per load, and exactly the case where a user may believe
-the EMA parameters were evaluated.
+``eval.use_ema`` picks the parameters. The default, None, follows the run: the EMA
+parameters where it kept them, else the raw ones, with nothing printed (the defaults,
+``train.ema_decay=0``, keep none, and a note on every load would only repeat that).
+``eval.use_ema=True`` on variables that hold no EMA parameters (a run with
+``train.ema_decay=0``, or a WORKDIR/best saved from the raw parameters) prints one
+``note:`` line on stderr (:func:`no_ema_note`): the user asked for what is not there. Either
+way the result files say ``raw``.
 
 ``data_top_level`` is the largest value of the training images (16 for the digits),
 which the grids show as white (outputs.py), or None where nothing recorded it (runs from
@@ -33,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 import jax
 
@@ -42,11 +44,11 @@ from denseflow_jax.errors import CheckpointError, ConfigError
 from denseflow_jax.training_data import read_data_top_level
 
 
-def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
+def load_model(config, workdir, use_ema: Optional[bool], which: str = 'latest'):
   """(model, variables, loaded): the model of ``config.model`` and the variables chosen as
-  the module docstring says; ``use_ema`` picks the EMA parameters of a training
-  checkpoint where the run kept them (WORKDIR/best holds what training chose with its own
-  ``eval.use_ema``)."""
+  the module docstring says; ``use_ema`` (``eval.use_ema``: None or True) picks the EMA
+  parameters of a training checkpoint where the run kept them, and True notes where it
+  did not (WORKDIR/best holds what training chose with its own ``eval.use_ema``)."""
   best = os.path.join(workdir, ckpt_lib.BEST_DIR)
   if config.checkpoint and which == 'best':
     raise ConfigError(
@@ -69,11 +71,11 @@ def load_model(config, workdir, use_ema: bool, which: str = 'latest'):
         'for the latest checkpoint')
   else:
     source = workdir
-  variables, info = ckpt_lib.read_variables(source, config, use_ema)
-  if which == 'best' and not use_ema and info['parameters'] == 'ema':
-    logging.warning('%s holds the EMA parameters (training ran with eval.use_ema=True); '
+  variables, info = ckpt_lib.read_variables(source, config, use_ema is not False)
+  if which == 'best' and use_ema is False and info['parameters'] == 'ema':
+    logging.warning('%s holds the EMA parameters (training ran with eval.use_ema unset or True); '
                     'eval.use_ema=False does not change that', best)
-  if use_ema and info['parameters'] == 'raw' and jax.process_index() == 0:
+  if use_ema is True and info['parameters'] == 'raw' and jax.process_index() == 0:
     print(no_ema_note(source), file=sys.stderr, flush=True)
   top = read_data_top_level(source, model.spec.num_bits)
   return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info,

@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import numpy as np
@@ -141,14 +141,14 @@ def train(config, s: Settings, workdir):
   test_split = functools.cache(lambda: _test_split(s))   # at the first evaluation, once
 
   def eval_fn(state, step):
-    variables = eval_variables(state, s.eval.use_ema)
+    variables = eval_variables(state, s.eval.prefer_ema)
     result = evaluate_lib.evaluate_dataset(model, variables, test_split(), key, periodic,
                                            prefetch=s.data.prefetch, log_prob_fn=log_prob_fn,
                                            progress=False)
     return {'test_bpd': result['elbo_bpd']}
 
   def sample_fn(state, step):
-    variables = eval_variables(state, s.eval.use_ema)
+    variables = eval_variables(state, s.eval.prefer_ema)
     images = sampling.sample_images(model, variables, jax.random.fold_in(key, step),
                                     s.sample.num, s.sample.temperature, s.sample.batch_size)
     os.makedirs(samples_dir, exist_ok=True)
@@ -168,11 +168,16 @@ class Mode:
   sections: Tuple[str, ...]
   help: str
   writes: bool = True
+  # Checks that need the devices or the workdir's checkpoint, run before the workdir lock
+  # is taken: a refusal writes nothing.
+  check: Optional[Callable[[Settings, str], Any]] = None
 
 
 MODES = {
     'train': Mode(train, ('data', 'train', 'eval', 'sample'),
-                  "train (default); the same command resumes from DIR's latest checkpoint"),
+                  "train (default); the same command resumes from DIR's latest checkpoint",
+                  check=lambda s, workdir: train_lib.split_train_batch(s.train.batch_size,
+                                                                       workdir)),
     'eval': Mode(evaluate, ('data', 'eval'),
                  'test bits/dim: one-sample bound and IWBO with config.eval.k samples'),
     'sample': Mode(sample, ('eval', 'sample'), 'config.sample.num images to DIR/samples/'),
@@ -215,6 +220,8 @@ def run(mode: str, config, workdir):
   if not spec.writes:       # reads nothing from a workdir: no lock
     return spec.run(config, settings, workdir)
   check_workdir_writable(workdir)
+  if spec.check is not None:
+    spec.check(settings, workdir)
   with _one_run(workdir, mode):
     return spec.run(config, settings, workdir)
 

@@ -186,12 +186,12 @@ def _num_examples(where, value):
 @dataclasses.dataclass(frozen=True)
 class EvalSettings(Checked):
   """config.eval: test bits/dim (--mode eval, and the periodic one-sample evaluation during
-  training) and which parameters every mode evaluates or samples from (`use_ema`: the EMA
-  parameters where the run kept them)."""
+  training) and which parameters every mode evaluates or samples from (`use_ema`: None
+  follows the run, True asks for the EMA parameters, False takes the raw ones)."""
   batch_size: int
   k: int                     # importance samples of the IWBO (1: the one-sample bound)
   k_chunk: int               # samples per pass: memory, not the result
-  use_ema: bool
+  use_ema: Optional[bool]    # None: the EMA parameters where the run kept them, silently
   num_examples: int          # the first this many test examples; -1 = all
   which: str                 # 'latest' checkpoint of the workdir, or WORKDIR/'best'
 
@@ -200,11 +200,16 @@ class EvalSettings(Checked):
       'batch_size': check_positive_int,
       'k': lambda w, v: check_int(w, v, 1, 'a positive integer (importance samples of the IWBO)'),
       'k_chunk': check_positive_int,
-      'use_ema': check_bool,
+      'use_ema': lambda w, v: v if v is None else check_bool(w, v),
       # 0 examples has no mean; data.iterate_eval checks the split holds enough.
       'num_examples': _num_examples,
       'which': lambda w, v: check_choice(w, v, ('latest', 'best')),
   }
+
+  @property
+  def prefer_ema(self) -> bool:
+    """Whether to take the EMA parameters where the run kept them (use_ema None or True)."""
+    return self.use_ema is not False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,12 +62,11 @@ class BatchSplit:
   def __post_init__(self):
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f'process_index {self.process_index} is not in [0, {self.process_count})')
-    n = math.lcm(self.device_count, self.process_count)
+    n, over = batch_divisor(self.device_count, self.process_count)
     if int(self.size) <= 0 or int(self.size) % n:
-      where = f'the {n} devices' if n == self.device_count else f'{n} devices / processes'
       raise ConfigError(
-          f'{self.field} = {self.size} (the global batch) does not divide over {where}; '
-          f'set --config.{self.field} to a multiple of {n}, e.g. {max(n, int(self.size) // n * n)}')
+          f'{self.field} = {self.size} (the global batch) does not divide over {over}; '
+          f'set --config.{self.field} to {multiples_text(self.size, n)}')
 
   @property
   def local_size(self) -> int:
@@ -80,10 +79,34 @@ class BatchSplit:
     return self.process_index * self.local_size
 
 
+def batch_divisor(device_count: int, process_count: int) -> tuple:
+  """(n, 'the 8 devices'): a global batch must be a multiple of n (every device gets the
+  same number of rows, every process too), and what it is divided over, for messages."""
+  n = math.lcm(device_count, process_count)
+  return n, f'the {n} devices' if n == device_count else f'{n} devices / processes'
+
+
+def multiples_text(size: int, n: int) -> str:
+  """'a multiple of 8 (e.g. 8 or 16)': the multiples of ``n`` next to ``size``."""
+  below = int(size) // n * n
+  near = [m for m in (below, below + n) if m > 0]
+  return f'a multiple of {n} (e.g. {" or ".join(map(str, near))})'
+
+
+def divisors(n: int) -> list:
+  """The device counts a global batch of ``n`` rows divides over, ascending."""
+  return [d for d in range(1, int(n) + 1) if n % d == 0]
+
+
 def split_batch(size: int, field: str, mesh=None) -> BatchSplit:
   """``size`` split over ``mesh`` (default: every device of every process) for this process."""
-  devices = jax.device_count() if mesh is None else mesh.size
-  return BatchSplit(int(size), field, jax.process_index(), jax.process_count(), devices)
+  return BatchSplit(int(size), field, jax.process_index(), jax.process_count(),
+                    mesh_devices(mesh))
+
+
+def mesh_devices(mesh=None) -> int:
+  """The devices ``mesh`` spans (default: every device of every process)."""
+  return jax.device_count() if mesh is None else mesh.size
 
 
 def global_batch(local_batch: np.ndarray, mesh) -> jax.Array:

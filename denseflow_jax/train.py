@@ -42,7 +42,9 @@ from denseflow_jax.metrics_log import MetricsLog, MetricsWindow
 from denseflow_jax.run_story import (compile_notice, finish_message, last_compile_seconds,
                                      start_event)
 from denseflow_jax.settings import Settings, TrainSettings
-from denseflow_jax.sharding import BatchSplit, global_batch, make_mesh, replicated, split_batch
+from denseflow_jax.sharding import (BatchSplit, batch_divisor, divisors, mesh_devices,
+                                    global_batch, make_mesh, multiples_text, replicated,
+                                    split_batch)
 from denseflow_jax.spec import ModelSpec
 from denseflow_jax.training_data import write_data_record
 from denseflow_jax.train_step import (TrainState, all_finite, eval_variables, make_state_init,
@@ -112,7 +114,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   if settings is None:
     settings = Settings.from_config(config, ('data', 'train', 'eval'))
   mesh = make_mesh()
-  batch = split_batch(settings.train.batch_size, 'train.batch_size', mesh)
+  batch = split_train_batch(settings.train.batch_size, workdir, mesh)
   with contextlib.ExitStack() as cleanup:
     checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=settings.train.keep_checkpoints)
     cleanup.callback(checkpointer.close)
@@ -138,8 +140,34 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                       *data_lib.train_top_level(s.data, s.model.image_shape, s.model.num_bits))
     cleanup.callback(iterator.close)
     return _train_loop(_Run(
-        config, workdir, s.train, s.eval.use_ema, s.run.seed, s.run.checkpoint, s.model, mesh,
+        config, workdir, s.train, s.eval.prefer_ema, s.run.seed, s.run.checkpoint, s.model, mesh,
         batch, checkpointer, latest, iterator, eval_fn, sample_fn))
+
+
+def split_train_batch(size: int, workdir, mesh=None) -> BatchSplit:
+  """``train.batch_size`` over the devices (sharding.split_batch); modes.run checks it before
+  it takes the workdir lock, so a refusal writes nothing.
+
+  A resumed run keeps its global batch (the data stream and the epochs of the lr schedule
+  follow it), so where ``workdir`` holds a checkpoint the refusal says so and names the
+  slice sizes the checkpoint's batch divides over: a preempted job may come back on a
+  slice of another size."""
+  try:
+    return split_batch(size, 'train.batch_size', mesh)
+  except ConfigError:
+    stored = (ckpt_lib.resumed_config(workdir) or {}).get('train', {}).get('batch_size')
+    if not isinstance(stored, int):
+      raise
+  n, over = batch_divisor(mesh_devices(mesh), jax.process_count())
+  fix = (f'resume with --config.train.batch_size={stored}' if stored % n == 0 else
+         f'resume on a slice whose device count divides {stored} '
+         f'({", ".join(map(str, divisors(stored)))}), or start a new --workdir with '
+         f'--config.train.batch_size {multiples_text(size, n)}')
+  raise ConfigError(
+      f'train.batch_size = {size} (the global batch) does not divide over {over} of '
+      f'this slice, and --workdir {workdir} holds a run with train.batch_size = {stored}, '
+      'which a resumed run keeps (its data stream and learning-rate schedule follow the '
+      f'global batch): {fix}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,15 +192,19 @@ def test_data_top_level_is_read_from_the_run_or_falls_back(tmp_path, caplog):
 def test_ema_asked_for_but_absent_is_said_on_stderr(tmp_path, capsys, ema):
   """eval.use_ema=True on a checkpoint without EMA parameters: one line on stderr, for the
   latest checkpoint and for a WORKDIR/best saved from the raw parameters; nothing when the
-  EMA parameters exist or when they were not asked for."""
+  EMA parameters exist or when they were not asked for. The default (None) takes the EMA
+  parameters where the run kept them, the raw ones otherwise, silently."""
   workdir = tmp_path / 'run'
   config = _fake_run(workdir, ema=ema)
+  assert config.eval.use_ema is None       # the default: follow the run
   for which in ('latest', 'best'):
-    for use_ema in (False, True):
+    for use_ema in (None, False, True):
       _, _, loaded = loading.load_model(config, str(workdir), use_ema=use_ema, which=which)
       err = capsys.readouterr().err
+      # (WORKDIR/best holds what training chose, whatever is asked now.)
+      kept = ema and (use_ema is not False or which == 'best')
+      assert loaded['parameters'] == ('ema' if kept else 'raw'), (which, use_ema)
       if use_ema and not ema:
-        assert loaded['parameters'] == 'raw'
         assert err.splitlines() == [loading.no_ema_note(loaded['checkpoint'])], err
       else:
         assert 'note:' not in err, err

@@ -456,6 +456,8 @@ def test_process_shards_are_disjoint_examples(id_npz):
 
 
 def test_resume_with_other_process_count_and_mismatched_settings():
+  """A state is a global position: process 0's state (all a checkpoint holds) places every
+  process of any layout, from 1 process to 2 and from 2 to 1 (a slice of another size)."""
   config = data_config(batch_size=32)
   source = data.load_split(config.data, 'train', (8, 8, 1), 5)
   single = train_iterator(config, source=source)
@@ -466,17 +468,33 @@ def test_resume_with_other_process_count_and_mismatched_settings():
   half.set_state(state)
   np.testing.assert_array_equal(next(half), next(single)[16:])
 
+  procs = [train_iterator(config, p, 2, source=source) for p in range(2)]
+  for _ in range(5):
+    for it in procs:
+      next(it)
+  whole = train_iterator(config, source=source)
+  whole.set_state(json.loads(json.dumps(procs[0].get_state())))
+  assert whole.step == 5
+  np.testing.assert_array_equal(next(whole), np.concatenate([next(it) for it in procs]))
+  # A state of the first format (it also held grain's per-process state) resumes by step.
+  old = dict(state, format='denseflow_jax.data.train_iterator/1', grain={'next_index': 99},
+             layout={'process_index': 0, 'process_count': 2, 'worker_count': 1})
+  resumed, reference = (train_iterator(config, source=source) for _ in range(2))
+  resumed.set_state(old)
+  for _ in range(3):
+    next(reference)
+  np.testing.assert_array_equal(next(resumed), next(reference))
+
   bigger = train_iterator(data_config(batch_size=64), source=source)
   with pytest.raises(errors.DataError, match='global_batch'):
     bigger.set_state(state)
   with pytest.raises(errors.DataError, match='format'):
     bigger.set_state({'next_index': 3})
-  # A new layout is applied by step count only without grain workers.
-  workers = train_iterator(data_config(batch_size=32,
-                                                 worker_count=1), 1, 2,
-                                     source=source)
-  with pytest.raises(errors.DataError, match='worker_count=0'):
-    workers.set_state(state)
+  # Grain workers (here: not started; test_grain_workers... pulls their batches) take a
+  # state of another layout as well.
+  workers = train_iterator(data_config(batch_size=32, worker_count=1), 1, 2, source=source)
+  workers.set_state(state)
+  assert workers.step == 3 and workers.epoch == 0
   workers.close()
 
 
@@ -501,6 +519,13 @@ def test_grain_workers_give_the_same_batches_and_resume():
   for a in expected[2:]:
     np.testing.assert_array_equal(a, next(resumed))
   resumed.close()
+  # The same state on process 1 of 2 with one worker (another slice, other workers).
+  other = train_iterator(data_config(batch_size=32, augmentation='eta', worker_count=1), 1, 2,
+                         source=source)
+  other.set_state(state)
+  for a in expected[2:4]:
+    np.testing.assert_array_equal(a[16:], next(other))
+  other.close()
 
 
 def test_batch_size_checks():

@@ -109,7 +109,7 @@ def run_all_modes(config, workdir, capsys=None):
   assert json.loads(first.read_text()) == result
   assert json.loads((workdir / 'eval_test_k2_best_raw.json').read_text()) == best
   assert (workdir / 'eval_test_k2_best_raw-2.json').exists()
-  config.eval.use_ema, config.eval.which = True, 'latest'
+  config.eval.use_ema, config.eval.which = None, 'latest'       # the defaults again
 
   images = modes.run('sample', config, str(workdir))
   assert images.shape == (4, *config.model.image_shape)
@@ -131,15 +131,17 @@ def test_digits_train_resume_eval_sample(tmp_path, capsys):
   config = tiny('digits', 'digits', (8, 8, 1), 5)
   ckpts = run_all_modes(config, tmp_path, capsys)
   assert ckpts, 'no checkpoint written'
-  # eval.use_ema=True (the default) on a run without EMA (train.ema_decay=0, the default):
-  # the modes that loaded the model said so on stderr.
-  note = (f'note: eval.use_ema=True but {tmp_path} holds no EMA parameters (trained with '
-          'train.ema_decay=0); using the raw parameters')
-  assert note in capsys.readouterr().err.splitlines()
+  # The defaults agree (train.ema_decay=0 keeps no EMA parameters, eval.use_ema unset follows
+  # the run): the modes took the raw parameters (their files say so) and printed no note.
+  assert 'note:' not in capsys.readouterr().err
   # Training recorded the digits' top level (16 of the 5-bit model's 31), load_model reads
   # it back without the data, and --mode sample's grid shows level 16 as white.
   assert json.loads((tmp_path / training_data.DATA_RECORD_FILE).read_text())['top_level'] == 16
   assert loading.load_model(config, str(tmp_path), True)[2]['data_top_level'] == 16
+  # Asking for the EMA parameters (eval.use_ema=True) of this run says there are none.
+  note = (f'note: eval.use_ema=True but {tmp_path} holds no EMA parameters (trained with '
+          'train.ema_decay=0); using the raw parameters')
+  assert capsys.readouterr().err.splitlines() == [note]
   with np.load(tmp_path / 'samples' / 'samples_T1_n4_latest_raw.npz') as f:
     images = f['images']                                   # the raw levels, unscaled
   picture = np.asarray(Image.open(tmp_path / 'samples' / 'samples_T1_n4_latest_raw.png'))

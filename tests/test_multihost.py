@@ -26,11 +26,6 @@ are all killed as soon as one fails or when WORKER_TIMEOUT_S has passed; the fai
 message holds the end of each one's output.
 """
 import os
-import pathlib
-import socket
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import jax
@@ -41,61 +36,10 @@ from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import sharding
 from denseflow_jax import metrics_log
 from denseflow_jax.workdir_lock import workdir_lock
+import worker_processes
+from worker_processes import WORKER_TIMEOUT_S, start, start_hosts, wait_all
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORKER = ROOT / 'tests' / 'multihost_worker.py'
-WORKER_TIMEOUT_S = 480   # ~40 s alone; generous because pytest-xdist workers share the cores
 RELATIVE_TOLERANCE = 2e-5
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def worker_env() -> dict:
-  env = {k: v for k, v in os.environ.items()
-         # gRPC (the coordinator) would send 127.0.0.1 through a proxy.
-         if '_proxy' not in k.lower() and k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
-  return env
-
-
-def start(name, num_devices, workdir, logs, extra=()):
-  log = open(logs / f'{name}.log', 'w')   # a file, not a pipe: a full pipe would block
-  command = [sys.executable, str(WORKER), f'--num_cpu_devices={num_devices}',
-             '--config', str(WORKER), '--workdir', str(workdir), *extra]
-  proc = subprocess.Popen(command, cwd=ROOT, env=worker_env(), stdout=log,
-                          stderr=subprocess.STDOUT)
-  return SimpleNamespace(name=name, proc=proc, log=log, path=logs / f'{name}.log')
-
-
-def wait_all(workers, timeout_s):
-  """Waits for every worker; kills all at the first failure or at the deadline and fails
-  with each worker's exit status and the end of its output."""
-  deadline = time.monotonic() + timeout_s
-  problem = None
-  while problem is None and any(w.proc.poll() is None for w in workers):
-    failed = [w for w in workers if w.proc.poll() not in (None, 0)]
-    if failed:
-      problem = f'{failed[0].name} exited with status {failed[0].proc.returncode}'
-    elif time.monotonic() > deadline:
-      problem = f'timed out after {timeout_s} s'
-    else:
-      time.sleep(0.5)
-  if problem is None and any(w.proc.returncode for w in workers):
-    problem = 'a worker failed'
-  for w in workers:
-    if w.proc.poll() is None:
-      w.proc.kill()
-    w.proc.wait()
-    w.log.close()
-  if problem is not None:
-    tails = '\n'.join(f'--- {w.name} (status {w.proc.returncode}):\n'
-                      f'{w.path.read_text()[-3000:]}' for w in workers)
-    pytest.fail(f'{problem}\n{tails}', pytrace=False)
 
 
 @pytest.fixture(scope='module')
@@ -103,13 +47,9 @@ def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp('multihost')
   logs = base / 'logs'
   logs.mkdir()
-  port = free_port()
   multi = base / 'two_hosts'           # one workdir, shared by both processes
-  workers = [start(f'process_{i}', 4, multi, logs,
-                   ['--multihost', f'--coordinator_address=127.0.0.1:{port}',
-                    '--num_processes=2', f'--process_id={i}', '--first_run_steps=2',
-                    '--config.data.worker_count=1'])
-             for i in range(2)]
+  workers = start_hosts('process', 2, 4, multi, logs,
+                        ['--first_run_steps=2', '--config.data.worker_count=1'])
   workers.append(start('single', 8, base / 'one_host', logs))
   wait_all(workers, WORKER_TIMEOUT_S)
   return SimpleNamespace(multi=multi, single=base / 'one_host')
@@ -117,15 +57,7 @@ def runs(tmp_path_factory):
 
 
 def assert_trees_close(got, want, what):
-  got = jax.tree_util.tree_flatten_with_path(got)[0]
-  want = jax.tree_util.tree_flatten_with_path(want)[0]
-  assert [p for p, _ in got] == [p for p, _ in want], what
-  for (path, a), (_, b) in zip(got, want):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape and a.dtype == b.dtype, (what, jax.tree_util.keystr(path))
-    scale = float(np.max(np.abs(b))) if b.size else 0.0
-    np.testing.assert_allclose(a, b, rtol=0, atol=RELATIVE_TOLERANCE * scale,
-                               err_msg=f'{what} {jax.tree_util.keystr(path)}')
+  worker_processes.assert_trees_close(got, want, what, RELATIVE_TOLERANCE)
 
 
 def test_two_hosts_train_like_one_host(runs):
@@ -206,12 +138,8 @@ def test_a_job_on_a_busy_workdir_stops_on_every_host(tmp_path):
   one error line, and process 1 stops too instead of waiting at its first collective."""
   workdir, logs = tmp_path / 'busy', tmp_path / 'logs'
   logs.mkdir()
-  port = free_port()
   with workdir_lock(workdir, 'train'):
-    workers = [start(f'process_{i}', 4, workdir, logs,
-                     ['--multihost', f'--coordinator_address=127.0.0.1:{port}',
-                      '--num_processes=2', f'--process_id={i}'])
-               for i in range(2)]
+    workers = start_hosts('process', 2, 4, workdir, logs)
     try:
       codes = [w.proc.wait(timeout=WORKER_TIMEOUT_S) for w in workers]
     finally:

@@ -12,11 +12,15 @@ are the same whatever the number of processes or grain workers.
 
 :class:`TrainIterator` can save its position (``get_state``, JSON via
 :func:`state_to_json`) and continue from it; the state format string is stored
-in checkpoints.
+in checkpoints. The position is global: batch ``n`` of every process is its rows of
+global batch ``n``, whatever the process or grain-worker count, so the saved step alone
+places any layout (another slice size, ``data.worker_count``) in the stream.
 """
 from __future__ import annotations
 
+import functools
 import json
+from typing import Callable
 
 from absl import flags
 import grain
@@ -28,8 +32,12 @@ from denseflow_jax.errors import DataError
 from denseflow_jax.settings import DataSettings
 from denseflow_jax.sharding import BatchSplit
 
-# Stored in checkpoints with the iterator state: keep this value so old checkpoints resume.
-_STATE_FORMAT = 'denseflow_jax.data.train_iterator/1'
+# Stored in checkpoints with the iterator state. /1 also held grain's own iterator state,
+# which is per process and per worker count; /2 holds the step alone (the global position),
+# so that a checkpoint written by /2 is refused, not misplaced, by code that read 'grain'.
+# Both are read: a /1 state's step is its position as well.
+_STATE_FORMAT = 'denseflow_jax.data.train_iterator/2'
+_READABLE_FORMATS = ('denseflow_jax.data.train_iterator/1', _STATE_FORMAT)
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -86,16 +94,17 @@ class TrainIterator:
   ``get_state()`` returns a JSON-serialisable dict; ``set_state(state)`` on an
   iterator built from the same data settings continues with exactly the
   batches that would have followed. The state also records the data settings
-  and raises DataError when they differ. A state from another process of the
-  same layout applies as it is (multi-host checkpoints store process 0's). If
-  the process or worker count changed, the state is applied by step count,
-  which needs ``data.worker_count = 0`` on the resuming side.
+  and raises DataError when they differ. The position is the number of batches
+  returned, which is the same on every process (checkpoints store process 0's
+  state): ``set_state`` rebuilds the stream at that batch, so a state applies to any
+  process count (another slice size) and any grain worker count. The layout that wrote
+  the state is recorded in it, for the reader.
   """
 
-  def __init__(self, dataset: grain.IterDataset, pipeline: dict, layout: dict,
-               local_batch: int, steps: int):
-    self._dataset = dataset
-    self._iterator = iter(dataset)
+  def __init__(self, stream: Callable[[int], grain.IterDataset], pipeline: dict,
+               layout: dict, local_batch: int, steps: int):
+    self._stream = stream         # first batch -> the stream from that batch on
+    self._iterator = iter(stream(0))
     self._pipeline = _json_normalise(pipeline)
     self._layout = _json_normalise(layout)
     self._step = 0
@@ -129,12 +138,11 @@ class TrainIterator:
         'step': self._step,
         'pipeline': self._pipeline,
         'layout': self._layout,
-        'grain': self._iterator.get_state(),
     }
 
   def set_state(self, state: dict) -> None:
-    """Continues from ``state`` (from get_state, possibly via JSON)."""
-    if not isinstance(state, dict) or state.get('format') != _STATE_FORMAT:
+    """Continues from ``state`` (from get_state, possibly via JSON, of any layout)."""
+    if not isinstance(state, dict) or state.get('format') not in _READABLE_FORMATS:
       raise DataError(
           'the data iterator state is not one written by '
           f'denseflow_jax.data (format {_STATE_FORMAT}); restore a checkpoint '
@@ -148,19 +156,13 @@ class TrainIterator:
           'the data iterator state was written with other data settings '
           f'(field: (checkpoint, now)) {diff}; resume with the settings of the '
           'checkpoint, or start the data stream afresh')
+    # Batch n of the stream is a pure function of n (and the pipeline above), so starting
+    # the stream at the saved step continues it exactly. grain's own iterator state would
+    # not: it counts this process's elements per worker, and a checkpoint holds process
+    # 0's only.
     step = int(state['step'])
-    # Checkpoints hold process 0's state only (orbax writes JSON items on the primary
-    # host). Every process runs the same pipeline structure in lockstep, so its grain
-    # state equals process 0's whenever process and worker counts match.
-    if _same_layout_but_process(state['layout'], self._layout):
-      self._iterator.set_state(state['grain'])
-    elif self._layout['worker_count'] == 0:
-      self._iterator.set_state({'next_index': step})
-    else:
-      raise DataError(
-          f"the data iterator state was written with layout {state['layout']}"
-          f' but this run has {self._layout}; with a different process or '
-          'worker count resume with --config.data.worker_count=0')
+    self.close()
+    self._iterator = iter(self._stream(step))
     self._step = step
 
   def close(self) -> None:
@@ -172,14 +174,6 @@ class TrainIterator:
 
 def _json_normalise(value):
   return json.loads(json.dumps(value))
-
-
-def _same_layout_but_process(a: dict, b: dict) -> bool:
-  """Layouts equal apart from process_index."""
-  a, b = _json_normalise(a), _json_normalise(b)
-  a.pop('process_index', None)
-  b.pop('process_index', None)
-  return a == b
 
 
 def state_to_json(state: dict) -> str:
@@ -213,16 +207,10 @@ def make_train_iterator(data: DataSettings, source, image_shape, batch: BatchSpl
   shuffle_seed, augment_seed = _derived_seeds(seed)
   example = _TrainExample(source, len(source), steps, batch, shuffle_seed, augment_seed,
                           data.augmentation)
-  ds = (grain.MapDataset.range(steps * batch.local_size)
-        .repeat()
-        .map_with_index(example)
-        .batch(batch.local_size, drop_remainder=True)
-        .to_iter_dataset(read_options(data.prefetch)))
-  if data.worker_count > 0:
-    if not flags.FLAGS.is_parsed():   # grain reads flags in its workers
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data.worker_count, per_worker_buffer_size=data.prefetch))
+  batches = (grain.MapDataset.range(steps * batch.local_size)
+             .repeat()
+             .map_with_index(example)
+             .batch(batch.local_size, drop_remainder=True))
   pipeline = {
       'dataset': data.dataset,
       'source': data.source,
@@ -234,4 +222,16 @@ def make_train_iterator(data: DataSettings, source, image_shape, batch: BatchSpl
   }
   layout = {'process_index': batch.process_index, 'process_count': batch.process_count,
             'worker_count': data.worker_count}
-  return TrainIterator(ds, pipeline, layout, batch.local_size, steps)
+  return TrainIterator(functools.partial(_stream_from, batches, data), pipeline, layout,
+                       batch.local_size, steps)
+
+
+def _stream_from(batches: grain.MapDataset, data: DataSettings, start: int) -> grain.IterDataset:
+  """The batches from batch ``start`` on, read ahead (by grain workers where configured)."""
+  ds = batches[start:].to_iter_dataset(read_options(data.prefetch))
+  if data.worker_count > 0:
+    if not flags.FLAGS.is_parsed():   # grain reads flags in its workers
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data.worker_count, per_worker_buffer_size=data.prefetch))
+  return ds
