@@ -4,7 +4,7 @@
     python -m venv .venv-gpu-compile && .venv-gpu-compile/bin/pip install -e ".[gpu-compile]"
     .venv-gpu-compile/bin/python experiments/accel_compile.py --config configs/cifar10.py --target h200
     # TPUs (issue #26): a venv with libtpu
-    python -m venv .venv-tpu-compile && .venv-tpu-compile/bin/pip install -e ".[tpu-compile]"
+    python -m venv .venv-tpu-compile && .venv-tpu-compile/bin/pip install -e ".[tpu]"
     .venv-tpu-compile/bin/python experiments/accel_compile.py --config configs/cifar10.py \
         --target v5e --topology 4x4 --programs train
 
@@ -83,7 +83,7 @@ PROGRAMS = ('train', 'eval', 'sample')
 STEPS_PER_EPOCH = 1000   # a constant of the lr schedule alone: the program does not depend on it
 INSTALL = {'gpu': 'pip install -e ".[gpu-compile]" (JAX\'s CUDA plugin at jax\'s version and '
                   'ptxas; README, "The accelerator programs, compiled without one")',
-           'tpu': 'pip install -e ".[tpu-compile]" (libtpu at jax\'s version; README, "The '
+           'tpu': 'pip install -e ".[tpu]" (libtpu at jax\'s version; README, "The '
                   'accelerator programs, compiled without one")'}
 FIELDS = {'train': 'train.batch_size', 'eval': 'eval.batch_size', 'sample': 'sample.batch_size'}
 

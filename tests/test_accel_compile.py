@@ -13,7 +13,7 @@ one-line error training prints (denseflow_jax/device_memory.py).
 
 They run experiments/accel_compile.py with the Python named by
 DENSEFLOW_GPU_COMPILE_PYTHON / DENSEFLOW_TPU_COMPILE_PYTHON (venvs with the `gpu-compile`
-/ `tpu-compile` extra; .ci/run makes both), or with this Python if it has the extra, and
+/ `tpu` extra; .ci/run makes both), or with this Python if it has the extra, and
 skip otherwise.
 """
 import importlib.util
@@ -129,13 +129,16 @@ def test_tpu_loops_count_by_the_bound_of_their_condition():
   assert hlo_kernels.count_kernels(other)['unknown_trip_counts'] == 1
 
 
+EXTRAS = {'gpu': 'gpu-compile', 'tpu': 'tpu'}   # pyproject.toml's extra for each
+
+
 def _compile_python(kind: str, module: str):
   python = os.environ.get(f'DENSEFLOW_{kind.upper()}_COMPILE_PYTHON')
   if python:
     return python
   if importlib.util.find_spec(module) is None:
     pytest.skip(f'no {kind}-compile Python: set DENSEFLOW_{kind.upper()}_COMPILE_PYTHON to a '
-                f'venv with pip install -e ".[{kind}-compile]" (README, "The accelerator '
+                f'venv with pip install -e ".[{EXTRAS[kind]}]" (README, "The accelerator '
                 'programs, compiled without one")')
   return sys.executable
 
@@ -147,7 +150,7 @@ def _compile(tmp_path, kind: str, module: str, *args, check: bool = True):
   result = subprocess.run(
       [_compile_python(kind, module), str(ROOT / 'experiments' / 'accel_compile.py'),
        '--config', str(ROOT / 'configs' / 'reference_small.py'), '--programs', 'train', *args],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
   if check:
     assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
