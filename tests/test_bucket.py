@@ -111,7 +111,17 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_run(gcs, monkeypatch, caplog)
       pass
   time.sleep(2.5)                           # now stale: its beat is older than 2 s
   takers, outcomes, done = 4, [], threading.Event()
-  start = threading.Barrier(takers)
+  start, first_read, seen = threading.Barrier(takers), threading.Barrier(takers), threading.local()
+  real_read = lock_lib._read
+
+  def read_together(blob):
+    found = real_read(blob)
+    if not getattr(seen, 'once', False):    # every taker sees the stale lock before any
+      seen.once = True                      # takes it over: the race the precondition decides
+      first_read.wait(30)
+    return found
+
+  monkeypatch.setattr(lock_lib, '_read', read_together)
 
   def take():
     start.wait()
