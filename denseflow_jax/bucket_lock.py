@@ -9,8 +9,9 @@ conditional write that Cloud Storage applies to one writer only:
   runs starting together exactly one create succeeds; the other gets HTTP 412 and is
   refused with the same one line as on a local workdir (``workdir_lock.busy_message``).
 * **Heartbeat**: while the run lasts a thread rewrites the object every
-  :data:`HEARTBEAT_S` seconds (or a sixth of a shorter staleness time) with ``ifGenerationMatch=<the generation it wrote last>``,
-  and the time of this beat (``beat``, Unix seconds) in the record.
+  :data:`HEARTBEAT_S` seconds (or a sixth of a shorter staleness time) with
+  ``ifGenerationMatch=<the generation it wrote last>``, and the time of this beat
+  (``beat``, Unix seconds) in the record.
 * **A killed holder** (kill -9, a preempted VM) stops beating. Once its last beat is
   more than :func:`stale_seconds` old (default :data:`STALE_S`;
   environment variable ``DENSEFLOW_BUCKET_LOCK_STALE_S``), a new run takes it over by

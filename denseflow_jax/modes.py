@@ -222,9 +222,10 @@ def run(mode: str, config, workdir):
 
 @contextlib.contextmanager
 def _one_run(workdir, mode: str):
-  """One run per workdir (workdir_lock.py; bucket_lock.py for gs://): process 0 takes the lock and tells the other
-  processes of a multi-host job whether it could, so that a refused job stops on every
-  host (not only on process 0, leaving the others waiting at their first collective)."""
+  """One run per workdir (workdir_lock.py; bucket_lock.py for gs://): process 0 takes the
+  lock and tells the other processes of a multi-host job whether it could, so that a
+  refused job stops on every host (not only on process 0, leaving the others waiting at
+  their first collective)."""
   with contextlib.ExitStack() as stack:
     refused = None
     try:
