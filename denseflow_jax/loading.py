@@ -86,7 +86,7 @@ def no_ema_note(source) -> str:
   if (source / ckpt_lib.VARIABLES_DIR).is_dir():   # best/, saved variables
     why = ('saved from the raw parameters: training ran with train.ema_decay=0 or '
            'eval.use_ema=False')
-  else:                                                             # a training checkpoint
+  else:                                            # a training checkpoint
     why = 'trained with train.ema_decay=0'
   return (f'note: eval.use_ema=True but {source} holds no EMA parameters ({why}); using the '
           'raw parameters')

