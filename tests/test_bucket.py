@@ -32,6 +32,7 @@ from denseflow_jax import files
 from denseflow_jax import metrics_log
 from denseflow_jax.bucket_lock import bucket_lock
 from denseflow_jax.errors import ConfigError, WorkdirBusyError
+from denseflow_jax.settings import Settings
 from gcs_emulator import BUCKET, emulator, pointed_at
 from test_robustness import OVERRIDES, assert_same_state, final_state
 
@@ -209,6 +210,19 @@ def test_bucket_files_are_written_whole_or_not_at_all(gcs):
   assert epath.Path(log).read_text() == 'one\ntwo\n'
   assert files.unused_stem(f'gs://{BUCKET}/files/result', ('.json',)) == (
       f'gs://{BUCKET}/files/result-2')
+
+
+@pytest.mark.parametrize('field', ['source', 'tfds_data_dir'])
+def test_data_in_a_bucket_is_refused_in_one_line(make_config, field):
+  """Data is read from a file system (README, "Multi-host"): a gs:// data path is refused
+  before anything loads, naming the way out."""
+  config = make_config({f'data.{field}': 'gs://bucket/data'})
+  with pytest.raises(ConfigError) as error:
+    Settings.from_config(config, ('data',))
+  assert str(error.value) == (
+      f"data.{field} must be a file-system path: data is not read from gs:// URLs (copy it "
+      'to local disk, or mount the bucket with gcsfuse and give the mounted path), got '
+      "'gs://bucket/data'")
 
 
 # ---------------------------------------------------------------- the command line
