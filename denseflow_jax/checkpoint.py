@@ -36,15 +36,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from denseflow_jax.errors import CheckpointError
-from denseflow_jax.files import write_json_atomic
+from denseflow_jax.files import as_path, is_bucket, write_json_atomic
 from denseflow_jax.state_dict import flatten, report_mismatches
 
 CHECKPOINTS_DIR = 'checkpoints'
@@ -54,6 +54,9 @@ METADATA_FILE = 'metadata.json'
 PRETRAINED_DIR = 'pretrained'    # WORKDIR/pretrained: a fine-tune's starting variables
 BEST_DIR = 'best'                # WORKDIR/best: the variables at the best periodic test bpd
 ORBAX_METADATA_FILE = '_CHECKPOINT_METADATA'
+# In a bucket orbax writes a step in place (no rename) and marks it complete last with
+# this file: a step directory without it was cut short.
+ORBAX_COMMIT_FILE = 'commit_success.txt'
 TRAIN_ITEMS = ('state', 'data', 'config', 'meta')
 FORMAT = 'denseflow_jax.checkpoint/1'
 
@@ -102,11 +105,13 @@ def check_model_config(stored: Mapping, config, where: str, fix: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def is_complete_step_dir(path: pathlib.Path) -> bool:
+def is_complete_step_dir(path: epath.Path) -> bool:
   """True for a finalised orbax step directory holding every training item."""
   if not path.is_dir() or '.orbax-checkpoint-tmp' in path.name:
     return False
   if not (path / ORBAX_METADATA_FILE).is_file():
+    return False
+  if is_bucket(path) and not (path / ORBAX_COMMIT_FILE).is_file():
     return False
   return all((path / item).is_dir() for item in TRAIN_ITEMS)
 
@@ -118,7 +123,7 @@ class TrainCheckpointer:
   """
 
   def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
-    self.directory = pathlib.Path(workdir).resolve() / CHECKPOINTS_DIR
+    self.directory = as_path(workdir) / CHECKPOINTS_DIR
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, int(keep)) if keep else None, create=True,
         enable_async_checkpointing=async_save)
@@ -263,7 +268,7 @@ def save_variables(directory: str | os.PathLike, variables: Mapping, config,
 
   An existing checkpoint in ``directory`` is replaced. Call on every process.
   """
-  directory = pathlib.Path(directory).resolve()
+  directory = as_path(directory)
   variables = _plain(variables)
   unknown = set(variables) - {'params', 'batch_stats'}
   if 'params' not in variables or unknown:
@@ -282,7 +287,7 @@ def save_variables(directory: str | os.PathLike, variables: Mapping, config,
 def read_config(directory: str | os.PathLike) -> dict:
   """The config stored with standalone variables or with a training workdir's latest
   checkpoint (JSON data)."""
-  directory = pathlib.Path(directory).resolve()
+  directory = as_path(directory)
   if (directory / CONFIG_FILE).is_file():
     return json.loads((directory / CONFIG_FILE).read_text())
   checkpointer = _workdir_checkpointer(directory)
@@ -291,19 +296,19 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
-  path = pathlib.Path(directory).resolve() / METADATA_FILE
+  path = as_path(directory) / METADATA_FILE
   return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def holds_model(directory: str | os.PathLike) -> bool:
   """Whether `directory` is something `load_variables` can read: a model checkpoint
   (variables/) or a training workdir (checkpoints/)."""
-  directory = pathlib.Path(directory)
+  directory = as_path(directory)
   return ((directory / VARIABLES_DIR).is_dir() or (directory / CHECKPOINTS_DIR).is_dir()
           or directory.name == CHECKPOINTS_DIR and directory.is_dir())
 
 
-def _workdir_checkpointer(directory: pathlib.Path) -> TrainCheckpointer:
+def _workdir_checkpointer(directory: epath.Path) -> TrainCheckpointer:
   workdir = directory.parent if directory.name == CHECKPOINTS_DIR else directory
   if not (workdir / CHECKPOINTS_DIR).is_dir():
     raise CheckpointError(
@@ -346,7 +351,7 @@ def load_variables(directory: str | os.PathLike, config=None, use_ema: bool = Fa
 def read_variables(directory, config=None, use_ema: bool = False):
   """(variables, {'step', 'parameters'}): :func:`load_variables` and the training step the
   variables are from and 'ema' or 'raw' (None where the checkpoint does not say)."""
-  directory = pathlib.Path(directory).resolve()
+  directory = as_path(directory)
   if not directory.exists():
     raise CheckpointError(f'checkpoint {directory} does not exist; set --config.checkpoint '
                           'to a directory written by python -m denseflow_jax.convert or a '

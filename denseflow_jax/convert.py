@@ -14,7 +14,7 @@ Buffers that our code derives from the config (ActNorm `initialized`,
 `num_batches_tracked`) are not copied. Reading the file and the report of missing,
 unexpected and mis-shaped keys are `denseflow_jax.state_dict`'s.
 """
-import os
+
 import re
 import sys
 from typing import Dict, Mapping, Optional, Tuple
@@ -28,6 +28,7 @@ from denseflow_jax import checkpoint
 from denseflow_jax.ablation import finalize_config
 from denseflow_jax.config_path import prepare_config_import
 from denseflow_jax.errors import ConvertError
+from denseflow_jax.files import as_path
 from denseflow_jax.spec import ModelSpec, spec_from_config
 from denseflow_jax.summary import variable_shapes
 from denseflow_jax.state_dict import (flatten, kernel_to_flax, read_state_dict, report_mismatches,
@@ -164,7 +165,7 @@ def convert_checkpoint(checkpoint_path: str, config, out: str, overwrite: bool =
                        allow_pickle: bool = False) -> Dict:
   """Official checkpoint -> our model checkpoint in `out`; returns the variables.
   Refuses to touch a non-empty `out` unless `overwrite`."""
-  if os.path.exists(out) and os.listdir(out) and not overwrite:
+  if as_path(out).exists() and any(as_path(out).iterdir()) and not overwrite:
     raise ConvertError(f'--out {out} already exists and is not empty; choose a new directory '
                        '(or pass --overwrite to replace it)')
   config = finalize_config(config)

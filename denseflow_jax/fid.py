@@ -40,7 +40,7 @@ import tqdm
 from denseflow_jax import data as data_lib
 from denseflow_jax import inception
 from denseflow_jax.errors import ConfigError, FIDError
-from denseflow_jax.files import unused_stem, write_json_atomic, write_npz_atomic
+from denseflow_jax.files import as_path, unused_stem, write_json_atomic, write_npz_atomic
 from denseflow_jax.loading import loaded_label
 from denseflow_jax.outputs import to_display
 from denseflow_jax.sampling import iterate_samples
@@ -181,9 +181,9 @@ def dataset_stats(data: DataSettings, spec: ModelSpec, split: str, feature_fn: F
   computed and written there atomically."""
   num_bits = spec.num_bits
   path = stats_cache_path(stats_dir, data, split, spec.image_shape, num_bits, feature_id)
-  if os.path.isfile(path):
+  if as_path(path).is_file():
     try:
-      with np.load(path) as cached:
+      with as_path(path).open('rb') as f, np.load(f) as cached:
         mu, sigma, count = cached['mu'], cached['sigma'], int(cached['count'])
       print(f'FID statistics of {split!r}: cache hit {path} ({count} images)')
       return mu, sigma, count, path, True

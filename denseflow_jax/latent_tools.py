@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from denseflow_jax import evaluate, outputs, sampling
-from denseflow_jax.files import unused_stem, write_json_atomic, write_npz_atomic
+from denseflow_jax.files import as_path, unused_stem, write_json_atomic, write_npz_atomic
 from denseflow_jax.loading import loaded_label
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
@@ -151,10 +151,8 @@ def interpolate_latents(z, dropped, pairs, steps: int, method: str, loc, scale):
 
 # ---------------------------------------------------------------- files
 
-def _out_dir(workdir):
-  path = os.path.join(os.fspath(workdir), LATENT_DIR)
-  os.makedirs(path, exist_ok=True)
-  return path
+def _out_dir(workdir) -> str:
+  return str(as_path(workdir) / LATENT_DIR)
 
 
 # ---------------------------------------------------------------- modes

@@ -32,7 +32,6 @@ loading any data.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Optional
 
@@ -41,6 +40,7 @@ import jax
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import model as model_lib
 from denseflow_jax.errors import CheckpointError, ConfigError
+from denseflow_jax.files import as_path
 from denseflow_jax.training_data import read_data_top_level
 
 
@@ -49,7 +49,7 @@ def load_model(config, workdir, use_ema: Optional[bool], which: str = 'latest'):
   the module docstring says; ``use_ema`` (``eval.use_ema``: None or True) picks the EMA
   parameters of a training checkpoint where the run kept them, and True notes where it
   did not (WORKDIR/best holds what training chose with its own ``eval.use_ema``)."""
-  best = os.path.join(workdir, ckpt_lib.BEST_DIR)
+  best = as_path(workdir) / ckpt_lib.BEST_DIR
   if config.checkpoint and which == 'best':
     raise ConfigError(
         f'--config.eval.which=best reads {best}, but --config.checkpoint='
@@ -61,12 +61,12 @@ def load_model(config, workdir, use_ema: Optional[bool], which: str = 'latest'):
     source = best
   elif not ckpt_lib.holds_model(workdir):
     raise CheckpointError(
-        f'no checkpoint in {os.path.abspath(workdir)}: train first (python -m '
+        f'no checkpoint in {as_path(workdir)}: train first (python -m '
         f'denseflow_jax.main --config CONFIG --workdir {workdir}) or point '
         '--config.checkpoint at a converted model (python -m denseflow_jax.convert --help)')
   elif which == 'best':
     raise CheckpointError(
-        f'no best model in {os.path.abspath(best)}: training writes it when a periodic '
+        f'no best model in {best}: training writes it when a periodic '
         'test bits/dim improves (train.eval_every_epochs). Use --config.eval.which=latest '
         'for the latest checkpoint')
   else:
@@ -78,17 +78,17 @@ def load_model(config, workdir, use_ema: Optional[bool], which: str = 'latest'):
   if use_ema is True and info['parameters'] == 'raw' and jax.process_index() == 0:
     print(no_ema_note(source), file=sys.stderr, flush=True)
   top = read_data_top_level(source, model.spec.num_bits)
-  return model, variables, {'checkpoint': os.path.abspath(source), 'which': which, **info,
+  return model, variables, {'checkpoint': str(as_path(source)), 'which': which, **info,
                             'data_top_level': top}
 
 
 def no_ema_note(source) -> str:
   """The line load_model prints when eval.use_ema=True finds no EMA parameters."""
-  source = os.path.abspath(source)
-  if os.path.isdir(os.path.join(source, ckpt_lib.VARIABLES_DIR)):   # best/, saved variables
+  source = as_path(source)
+  if (source / ckpt_lib.VARIABLES_DIR).is_dir():   # best/, saved variables
     why = ('saved from the raw parameters: training ran with train.ema_decay=0 or '
            'eval.use_ema=False')
-  else:                                                             # a training checkpoint
+  else:                                            # a training checkpoint
     why = 'trained with train.ema_decay=0'
   return (f'note: eval.use_ema=True but {source} holds no EMA parameters ({why}); using the '
           'raw parameters')

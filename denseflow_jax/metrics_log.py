@@ -11,14 +11,16 @@ console prints when a run starts, resumes, is already finished, is interrupted o
     {"step": 200, "epoch": 1.0, "test_bpd": 3.38}
     {"event": "finish", "message": "finished 200 steps in 95 s; ...", "step": 200}
 
-The metrics go to TensorBoard as 'train/<name>' and 'eval/<name>'; events do not. To read
+The metrics go to TensorBoard as 'train/<name>' and 'eval/<name>'; events do not. In a
+``gs://`` workdir tensorboardX writes its event files to the bucket itself (its own
+google-cloud-storage writer, which uploads the whole file at each flush), and
+metrics.jsonl is rewritten by one upload per record (files.append_text). To read
 only the metrics, skip the records that have an 'event' key (``read_metrics`` does).
 """
 from __future__ import annotations
 
 import functools
 import json
-import pathlib
 import time
 from typing import Callable, Mapping, Optional
 
@@ -26,13 +28,15 @@ import jax
 import jax.numpy as jnp
 from tensorboardX import SummaryWriter
 
+from denseflow_jax.files import append_text, as_path, is_bucket, write_text_atomic
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 EVENTS = ('start', 'resume', 'already_finished', 'compiled', 'interrupt', 'finish')
 
 
 def _read_records(workdir) -> list:
-  path = pathlib.Path(workdir) / METRICS_FILE
+  path = as_path(workdir) / METRICS_FILE
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -126,18 +130,19 @@ class MetricsLog:
   those at ``resume_step`` itself, which a rerun of a finished run would otherwise lose).
   """
 
-  def __init__(self, workdir: pathlib.Path, resume_step: Optional[int], enabled: bool,
+  def __init__(self, workdir, resume_step: Optional[int], enabled: bool,
                console: Callable[[str], None] = print):
     self.enabled, self._console = enabled, console
-    self.path = pathlib.Path(workdir) / METRICS_FILE
+    self.path = as_path(workdir) / METRICS_FILE
     self.writer = None
     if not enabled:
       return
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_bucket(self.path):      # a bucket has no directories to make
+      self.path.parent.mkdir(parents=True, exist_ok=True)
     if resume_step is not None and self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get('step', 0) <= resume_step]
-      self.path.write_text(''.join(line + '\n' for line in kept))
+      write_text_atomic(self.path, ''.join(line + '\n' for line in kept))
     # Made at the first metrics record: a rerun of a finished run leaves no empty file.
     self._purge = None if resume_step is None else resume_step + 1
 
@@ -172,8 +177,7 @@ class MetricsLog:
       self._append({'step': int(step), 'event': event, 'message': message, **fields})
 
   def _append(self, record: Mapping) -> None:
-    with self.path.open('a') as f:
-      f.write(json.dumps(record, sort_keys=True) + '\n')
+    append_text(self.path, json.dumps(record, sort_keys=True) + '\n')
 
   def close(self) -> None:
     if self.writer is not None:

@@ -28,8 +28,9 @@ from denseflow_jax import fid as fid_lib
 from denseflow_jax import model as model_lib
 from denseflow_jax import train as train_lib
 from denseflow_jax.ablation import finalize_config
+from denseflow_jax.bucket_lock import bucket_lock
 from denseflow_jax.errors import ConfigError, DenseFlowError, WorkdirBusyError
-from denseflow_jax.files import unused_stem
+from denseflow_jax.files import as_path, is_bucket, unused_stem
 from denseflow_jax.loading import load_model, loaded_label
 from denseflow_jax.run_story import SAMPLES_DIR
 from denseflow_jax.settings import Settings
@@ -86,10 +87,8 @@ def sample(config, s: Settings, workdir):
   images = sampling.sample_images(model, variables, jax.random.PRNGKey(s.run.seed), num,
                                   temperature, s.sample.batch_size)
   seconds = time.perf_counter() - start
-  out_dir = os.path.join(workdir, SAMPLES_DIR)
-  os.makedirs(out_dir, exist_ok=True)
-  stem = unused_stem(os.path.join(
-      out_dir, f'samples_T{temperature:g}_n{num}_{loaded_label(loaded)}'), ('.png', '.npz'))
+  stem = unused_stem(as_path(workdir) / SAMPLES_DIR /
+                     f'samples_T{temperature:g}_n{num}_{loaded_label(loaded)}', ('.png', '.npz'))
   outputs.save_sample_grid(stem + '.png', images, num_bits=model.spec.num_bits,
                            top=loaded['data_top_level'])
   outputs.save_samples_npz(stem + '.npz', images, temperature, seconds)
@@ -135,7 +134,7 @@ def train(config, s: Settings, workdir):
   model = model_lib.make_model(s.model)
   key = jax.random.PRNGKey(s.run.seed + 1)
   log_prob_fn = evaluate_lib.make_log_prob_fn(model)
-  samples_dir = os.path.join(workdir, SAMPLES_DIR)
+  samples_dir = as_path(workdir) / SAMPLES_DIR
   # The periodic evaluation is the one-sample bound (k = 1), with eval's batches.
   periodic = dataclasses.replace(s.eval, k=1)
   test_split = functools.cache(lambda: _test_split(s))   # at the first evaluation, once
@@ -151,8 +150,7 @@ def train(config, s: Settings, workdir):
     variables = eval_variables(state, s.eval.prefer_ema)
     images = sampling.sample_images(model, variables, jax.random.fold_in(key, step),
                                     s.sample.num, s.sample.temperature, s.sample.batch_size)
-    os.makedirs(samples_dir, exist_ok=True)
-    outputs.save_sample_grid(os.path.join(samples_dir, f'step_{step:08d}.png'), images,
+    outputs.save_sample_grid(samples_dir / f'step_{step:08d}.png', images,
                              num_bits=model.spec.num_bits,
                              top=read_data_top_level(workdir, model.spec.num_bits))
 
@@ -195,7 +193,10 @@ MODES = {
 
 def check_workdir_writable(workdir):
   """ConfigError if --workdir cannot be created or written (checked without creating it:
-  the nearest existing ancestor must be a writable directory)."""
+  the nearest existing ancestor must be a writable directory). A gs:// workdir is checked
+  by taking its lock (bucket_lock: a missing bucket, credentials, permissions)."""
+  if is_bucket(workdir):
+    return
   path = os.path.abspath(workdir)
   existing = path
   while not os.path.exists(existing):
@@ -228,13 +229,15 @@ def run(mode: str, config, workdir):
 
 @contextlib.contextmanager
 def _one_run(workdir, mode: str):
-  """One run per workdir (workdir_lock.py): process 0 takes the lock and tells the other
-  processes of a multi-host job whether it could, so that a refused job stops on every
-  host (not only on process 0, leaving the others waiting at their first collective)."""
+  """One run per workdir (workdir_lock.py; bucket_lock.py for gs://): process 0 takes the
+  lock and tells the other processes of a multi-host job whether it could, so that a
+  refused job stops on every host (not only on process 0, leaving the others waiting at
+  their first collective)."""
   with contextlib.ExitStack() as stack:
     refused = None
     try:
-      stack.enter_context(workdir_lock(workdir, mode, is_primary=jax.process_index() == 0))
+      lock = bucket_lock if is_bucket(workdir) else workdir_lock
+      stack.enter_context(lock(workdir, mode, is_primary=jax.process_index() == 0))
     except DenseFlowError as error:
       refused = error
     if jax.process_count() > 1:

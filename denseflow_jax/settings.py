@@ -330,6 +330,16 @@ def _dataset(where, value):
   return value
 
 
+def _data_path(where, value):
+  """data.source / data.tfds_data_dir: a file-system path. The readers (NumPy, PIL,
+  array_record's C++ reader) open local files; a bucket is read through a gcsfuse mount."""
+  check_str(where, value)
+  if value.startswith('gs://'):
+    fail(where, 'a file-system path: data is not read from gs:// URLs (copy it to local '
+         'disk, or mount the bucket with gcsfuse and give the mounted path)', value)
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSettings(Checked):
   """config.data, field by field. Which fields the chosen data set reads (data.source only
@@ -346,8 +356,8 @@ class DataSettings(Checked):
   SECTION = 'data'
   _CHECKS = {
       'dataset': _dataset,
-      'source': check_str,
-      'tfds_data_dir': check_str,
+      'source': _data_path,
+      'tfds_data_dir': _data_path,
       'augmentation': lambda w, v: check_choice(w, v, AUGMENTATIONS),
       'worker_count': lambda w, v: check_int(w, v, 0, 'an integer >= 0 (0 = no worker processes)'),
       # data used to turn 0 or less into 1 silently.

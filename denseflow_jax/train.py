@@ -25,18 +25,19 @@ import dataclasses
 import logging
 import math
 import os
-import pathlib
 import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
 from denseflow_jax.console import Progress
 from denseflow_jax.device_memory import out_of_memory
 from denseflow_jax.errors import ConfigError, DataError, NonFiniteError, TrainingInterrupted
+from denseflow_jax.files import as_path
 from denseflow_jax.interrupt import stop_signals
 from denseflow_jax.metrics_log import MetricsLog, MetricsWindow
 from denseflow_jax.run_story import (compile_notice, finish_message, last_compile_seconds,
@@ -69,7 +70,7 @@ class _Run:
   """Everything a training run needs besides its changing state, set up once by
   train_and_evaluate: the loop's helpers take this record, not a dozen arguments."""
   config: Any                       # only to record it with each checkpoint and saved model
-  workdir: pathlib.Path
+  workdir: epath.Path
   train: TrainSettings
   use_ema: bool                     # what WORKDIR/best holds
   seed: int
@@ -109,7 +110,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   The hooks run on every process and must not keep references to the state's arrays: the
   next step donates (reuses) their buffers.
   """
-  workdir = pathlib.Path(workdir).resolve()
+  workdir = as_path(workdir)
   # ---- everything that can fail on the config, before any compilation ----
   if settings is None:
     settings = Settings.from_config(config, ('data', 'train', 'eval'))

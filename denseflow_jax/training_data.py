@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pathlib
 from typing import Optional
 
 import jax
 
 from denseflow_jax import checkpoint as ckpt_lib
-from denseflow_jax.files import write_json_atomic
+from denseflow_jax.files import as_path, write_json_atomic
 
 DATA_RECORD_FILE = 'training_data.json'   # WORKDIR/training_data.json, by --mode train
 # Folders of a training workdir whose variables belong to the workdir's training data.
@@ -27,19 +25,19 @@ def write_data_record(workdir, dataset: str, num_bits: int, top_level: Optional[
   describes the data of the latest run): the data set, num_bits, its top level (the
   largest value of the training images; None where unusable) and how that is known.
   Returns the path."""
-  path = os.path.join(os.fspath(workdir), DATA_RECORD_FILE)
+  path = as_path(workdir) / DATA_RECORD_FILE
   if jax.process_index() == 0:
     write_json_atomic(path, {'dataset': dataset, 'num_bits': int(num_bits),
                              'top_level': None if top_level is None else int(top_level),
                              'how': how})
-  return path
+  return str(path)
 
 
 def read_data_top_level(source, num_bits: int) -> Optional[int]:
   """The top level recorded for the variables in ``source`` (a training workdir, its
   best/, pretrained/ or checkpoints/, or any directory holding training_data.json), or
   None: nothing recorded, or a record that does not fit a ``num_bits`` model (warned)."""
-  source = pathlib.Path(source).resolve()
+  source = as_path(source)
   candidates = [source / DATA_RECORD_FILE]
   if source.name in WORKDIR_PARTS and not (source / ckpt_lib.CHECKPOINTS_DIR).is_dir():
     candidates.append(source.parent / DATA_RECORD_FILE)

@@ -29,6 +29,8 @@ What the lock does and does not cover:
   helper does not keep the lock; a child forked without exec shares it until it exits.
 * Multi-host: one lock for the whole job, taken by the primary process (process 0)
   alone; the others pass ``is_primary=False`` and touch nothing.
+* A ``gs://`` workdir has no file to lock: bucket_lock.py holds a lock object with a
+  heartbeat instead (same interface, same refusal line).
 
 Stdlib only, so it can be used (and tested) without importing JAX.
 """
