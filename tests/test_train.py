@@ -100,23 +100,51 @@ def step_settings(steps_per_epoch, **changes):
   return dataclasses.replace(settings, **changes)
 
 
-def test_lr_schedule_matches_closed_form():
-  settings = step_settings(10, lr=1e-3, warmup_steps=5, gamma=0.9)
+def official_lr(step, lr, warmup, gamma, steps_per_epoch, first):
+  """The official loop's lr (torch 1.8.1: first = lr; torch 2.x: first = 0), written out."""
+  if step == 0:
+    return first
+  return lr * min(1.0, step / warmup) * (gamma if step % steps_per_epoch == 0 else 1.0)
+
+
+@pytest.mark.parametrize('kind', ['official', 'official_torch2', 'exponential'])
+def test_lr_schedule_matches_closed_form(kind):
+  settings = step_settings(10, lr=1e-3, warmup_steps=5, gamma=0.9, lr_schedule=kind)
   schedule = train_step.make_lr_schedule(settings)
-  for step in (0, 1, 3, 5, 9, 10, 19, 20, 37, 1000):
-    want = 1e-3 * min(1.0, step / 5) * 0.9 ** (step // 10)
+  for step in (0, 1, 3, 5, 9, 10, 11, 19, 20, 37, 40, 1000):
+    if kind == 'exponential':
+      want = 1e-3 * min(1.0, step / 5) * 0.9 ** (step // 10)
+    else:
+      want = official_lr(step, 1e-3, 5, 0.9, 10, 1e-3 if kind == 'official' else 0.0)
     assert math.isclose(float(schedule(step)), want, rel_tol=1e-6, abs_tol=1e-12), step
-  no_warmup = train_step.make_lr_schedule(step_settings(4, lr=2e-3, warmup_steps=0, gamma=0.5))
+  # Without warm-up the official loop has ExponentialLR alone: it compounds, step 1 included.
+  no_warmup = train_step.make_lr_schedule(step_settings(4, lr=2e-3, warmup_steps=0, gamma=0.5,
+                                                        lr_schedule=kind))
   assert [float(no_warmup(s)) for s in (0, 3, 4, 8)] == pytest.approx([2e-3, 2e-3, 1e-3, 5e-4])
   finetune = train_step.make_lr_schedule(step_settings(10, phase='finetune', finetune_lr=2e-5,
-                                                  warmup_steps=5))
-  assert [float(finetune(s)) for s in (0, 7, 5000)] == pytest.approx([2e-5] * 3)
+                                                       warmup_steps=5, lr_schedule=kind))
+  assert [float(finetune(s)) for s in (0, 7, 10, 5000)] == pytest.approx([2e-5] * 4)
+
+
+def test_official_schedule_never_compounds():
+  """CIFAR-10's recipe (warm-up 5000, gamma 0.9975, 781 steps per epoch, 400 epochs): the
+  official lr is 1e-3 to the end but for the first step of each epoch."""
+  settings = step_settings(781, lr=1e-3, warmup_steps=5000, gamma=0.9975)
+  assert settings.lr_schedule == 'official'       # the default
+  schedule = train_step.make_lr_schedule(settings)
+  last = 400 * 781 - 1
+  assert [float(schedule(s)) for s in (0, 2500, 781 * 399, last)] == pytest.approx(
+      [1e-3, 5e-4, 0.9975e-3, 1e-3])
+  exponential = train_step.make_lr_schedule(dataclasses.replace(settings,
+                                                                lr_schedule='exponential'))
+  assert float(exponential(last)) == pytest.approx(1e-3 * 0.9975 ** 399)    # 0.37e-3
 
 
 def test_settings_from_default_config():
   settings = TrainSettings.from_config(default.get_config()).step_settings(781)
   assert settings == StepSettings(
-      steps_per_epoch=781, phase='pretrain', optimizer='adamax', lr=1e-3, warmup_steps=5000,
+      steps_per_epoch=781, phase='pretrain', lr_schedule='official', optimizer='adamax',
+      lr=1e-3, warmup_steps=5000,
       gamma=0.9975, finetune_lr=2e-5, grad_clip=0.0, ema_decay=0.0)
   hash(settings)
 
