@@ -28,7 +28,7 @@ from denseflow_jax import train
 from denseflow_jax import train_step
 from denseflow_jax.data import sources as data_sources
 from denseflow_jax.settings import StepSettings, TrainSettings
-from helpers import TRAIN_BATCH, train_config, train_iterator
+from helpers import TRAIN_BATCH, step_settings, train_config, train_iterator
 from denseflow_jax.model import DenseFlow, draw_noise
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.spec import spec_from_config
@@ -92,12 +92,6 @@ def leaves_equal(a, b):
 # ---------------------------------------------------------------------------
 # Schedule and settings (no compilation).
 # ---------------------------------------------------------------------------
-
-
-def step_settings(steps_per_epoch, **changes):
-  """StepSettings of configs/default.py with `changes`."""
-  settings = TrainSettings.from_config(default.get_config()).step_settings(steps_per_epoch)
-  return dataclasses.replace(settings, **changes)
 
 
 def official_lr(step, lr, warmup, gamma, steps_per_epoch, first):
