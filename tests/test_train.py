@@ -207,8 +207,8 @@ def test_sharded_step_matches_single_device(compiled, caplog):
 
 def test_steps_follow_torch_adamax_and_the_warmup(compiled):
   """Three train steps against torch.optim.Adamax's rule written out in NumPy, with the
-  official warm-up (survae LinearWarmupScheduler: step n uses lr * min(1, n / warmup), so
-  step 0 only fills the moments) and global-norm clipping (config: warmup 2, clip 1.0):
+  official schedule (torch 1.8.1: step 0 at the base lr, then lr * min(1, n / warmup);
+  no epoch starts in these steps) and global-norm clipping (config: warmup 2, clip 1.0):
 
       g <- g * min(1, clip / |g|);   m <- b1 m + (1 - b1) g;   u <- max(b2 u, |g| + eps)
       p <- p - lr_n / (1 - b1^(n+1)) * m / u           (b1, b2, eps = 0.9, 0.999, 1e-8)
@@ -232,7 +232,8 @@ def test_steps_follow_torch_adamax_and_the_warmup(compiled):
     g = jax.tree.map(lambda a: a * min(1.0, c.train.grad_clip / norm), g)
     m = jax.tree.map(lambda m_, g_: 0.9 * m_ + 0.1 * g_, m, g)
     u = jax.tree.map(lambda u_, g_: np.maximum(0.999 * u_, np.abs(g_) + 1e-8), u, g)
-    lr = c.train.lr * min(1.0, n / c.train.warmup_steps)
+    lr = official_lr(n, c.train.lr, c.train.warmup_steps, c.train.gamma, compiled['spe'],
+                     first=c.train.lr)
     params = jax.tree.map(lambda p_, m_, u_: p_ - lr / (1 - 0.9 ** (n + 1)) * m_ / u_,
                           params, m, u)
     state, metrics = compiled['step1'](state, sharding.global_batch(batch, mesh), key)
@@ -296,9 +297,10 @@ def test_resume_is_exact(config, tmp_path, compiled):
   assert [r['step'] for r in records] == [1, 2, 3, 4]
   assert [r['train_bpd'] for r in records] == [r['train_bpd'] for r in
                                                metrics_log.read_metrics(tmp_path / 'straight')]
-  # Warm-up over 2 steps, then halved at the epoch boundary (3 steps per epoch); the
-  # record of step n shows the lr used by update n (schedule at n - 1).
-  assert [r['lr'] for r in records] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+  # The official schedule across the resume: the base lr at step 1, warm-up over 2 steps,
+  # the first step of the second epoch halved (3 steps per epoch); the record of step n
+  # shows the lr used by update n (schedule at n - 1).
+  assert [r['lr'] for r in records] == pytest.approx([1e-3, 5e-4, 1e-3, 5e-4])
   assert all(set(r) >= {'step', 'epoch', 'lr', 'train_bpd', 'img_per_s', 'skipped'}
              for r in records)
   assert list((tmp_path / 'resumed' / metrics_log.TENSORBOARD_DIR).iterdir())
