@@ -3,7 +3,9 @@
     python -m denseflow_jax.main --config configs/cifar10.py --workdir runs/cifar10
 
 Official recipe: 400 epochs, batch 64, Adamax lr 1e-3, 5000 warm-up steps,
-decay 0.9975 per epoch, eta augmentation; then 20 epochs at lr 2e-5.
+gamma 0.9975, eta augmentation; then 20 epochs at lr 2e-5. Under the default
+`train.lr_schedule='official'` gamma scales only the first step of each epoch, as in the
+official loop: the lr stays 1e-3 after the warm-up (train_step.py has the formulas).
 """
 from configs import default
 

@@ -58,6 +58,12 @@ def get_config():
   t.lr = 1e-3
   t.warmup_steps = 5000
   t.gamma = 0.9975                     # lr decay per epoch
+  # 'official': the lr the official loop gives under its pinned torch 1.8.1: the base lr at
+  # step 1, then the warm-up, then the base lr; gamma scales only the first step of each
+  # epoch (its warm-up scheduler overwrites the decay: no compounding). 'official_torch2':
+  # the same with step 1 at lr 0 (torch 2.x). 'exponential': lr * warm-up * gamma**epoch,
+  # the paper's prose. Formulas: denseflow_jax/train_step.py.
+  t.lr_schedule = 'official'
   t.phase = 'pretrain'                 # 'finetune': constant finetune_lr from a trained model
   t.finetune_lr = 2e-5                 # official train_more.py
   t.finetune_epochs = 20

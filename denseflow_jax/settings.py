@@ -39,6 +39,10 @@ from denseflow_jax.spec import ModelSpec, spec_from_config
 
 PHASES = ('pretrain', 'finetune')
 OPTIMIZERS = ('adamax', 'adam')
+# train_step.make_lr_schedule implements them: the official loop under torch 1.8.1 (the
+# version the official requirements.txt pins), the same under torch 2.x, and the compounding
+# decay the paper's prose suggests.
+LR_SCHEDULES = ('official', 'official_torch2', 'exponential')
 LATENT_METHODS = ('linear', 'slerp')
 AUGMENTATIONS = ('none', 'horizontal_flip', 'eta')     # data/augment.py implements them
 # JAX (without x64) keeps only the low 32 bits of a seed: 2**32 would silently repeat
@@ -87,6 +91,7 @@ def _best_metric(where, value):
 # The fields the compiled train step depends on, shared by TrainSettings and StepSettings.
 _STEP_CHECKS = {
     'phase': lambda w, v: check_choice(w, v, PHASES),
+    'lr_schedule': lambda w, v: check_choice(w, v, LR_SCHEDULES),
     'optimizer': lambda w, v: check_choice(w, v, OPTIMIZERS),
     'lr': lambda w, v: check_number(w, v, _NOT_NEGATIVE, 'a number >= 0'),
     'warmup_steps': lambda w, v: check_int(w, v, 0),
@@ -105,6 +110,7 @@ class StepSettings(Checked):
   :meth:`TrainSettings.step_settings`."""
   steps_per_epoch: int
   phase: str
+  lr_schedule: str
   optimizer: str
   lr: float
   warmup_steps: int
@@ -127,6 +133,7 @@ class TrainSettings(Checked):
   epochs: int
   optimizer: str
   lr: float
+  lr_schedule: str
   warmup_steps: int
   gamma: float
   phase: str

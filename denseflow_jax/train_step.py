@@ -17,14 +17,35 @@ Non-finite steps: if the loss or any gradient is not finite the update is skippe
 the step (params, batch_stats, opt_state and EMA stay bit-identical) and the counters
 ``nonfinite_count`` (in a row) and ``skipped_total`` grow.
 
-Learning rate (pretrain, official recipe):
-    lr(step) = train.lr * min(1, step / train.warmup_steps) * train.gamma ** (step // steps_per_epoch)
-Fine-tune: constant ``train.finetune_lr``.
+Learning rate of the step that runs with ``state.step == s`` (s steps already taken),
+with lr, W, g, E = train.lr, train.warmup_steps, train.gamma, steps_per_epoch:
+
+    'official' (default):  lr(0) = lr
+                           lr(s) = lr * min(1, s / W) * (g if s % E == 0 else 1)     s >= 1
+    'official_torch2':     the same with lr(0) = 0
+    'exponential':         lr(s) = lr * min(1, s / W) * g ** (s // E)
+    W = 0, every schedule: lr(s) = lr * g ** (s // E)
+
+'official' is what the official loop (experiments/image/experiment/baseline_flow.py,
+optim/expdecay_flow.py) does under torch 1.8.1, the version its requirements.txt pins: a
+warm-up scheduler stepped after every batch and ExponentialLR after every epoch drive one
+lr. The warm-up sets ``base_lr * min(1, s / W)`` from the *base* lr after each step, so it
+overwrites the decay, which multiplies the *current* lr: gamma scales only the first step
+of each epoch and never compounds. Built second, ExponentialLR's constructor resets the lr
+to the base lr under torch 1.8.1 (0 under torch 2.x, whose constructor keeps the lr the
+warm-up set): hence step 1. Without ``--warmup`` the official code builds no warm-up
+scheduler and ExponentialLR alone compounds: W = 0. 'exponential' is the paper's prose
+(and this project before December 7). ../shared/fixtures/lockstep holds both official
+sequences (tests/test_lockstep.py).
+
+Fine-tune: constant ``train.finetune_lr`` from its first step, whatever the schedule, as
+the official train_more.py: it builds no scheduler and sets the lr after loading the
+checkpoint (the Adamax state continues, here as there).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax
 import jax
@@ -91,19 +112,28 @@ def make_optimizer(settings: StepSettings) -> optax.GradientTransformation:
 
 
 def make_lr_schedule(settings: StepSettings) -> Callable[[Any], jax.Array]:
-  """lr as a function of the (global) step; see the module docstring."""
+  """lr as a pure function of the (global) step ``state.step``; the formulas are in the
+  module docstring (a resumed run continues the schedule: the step is in the state)."""
   if settings.phase == 'finetune':
     finetune_lr = settings.finetune_lr
     return lambda step: jnp.full((), finetune_lr, jnp.float32)
   lr, warmup, gamma = settings.lr, settings.warmup_steps, settings.gamma
-  steps_per_epoch = settings.steps_per_epoch
+  steps_per_epoch, kind = settings.steps_per_epoch, settings.lr_schedule
+  first_lr = 0.0 if kind == 'official_torch2' else lr
 
-  def schedule(step):
-    step = jnp.asarray(step)
+  def compounding(step):
     warm = jnp.minimum(1.0, step.astype(jnp.float32) / warmup) if warmup > 0 else 1.0
     epoch = (step // steps_per_epoch).astype(jnp.float32)
     return (lr * warm * gamma ** epoch).astype(jnp.float32)
-  return schedule
+
+  def official(step):
+    warm = jnp.minimum(1.0, step.astype(jnp.float32) / warmup)
+    epoch_start = (step > 0) & (step % steps_per_epoch == 0)
+    later = lr * warm * jnp.where(epoch_start, gamma, 1.0)
+    return jnp.where(step == 0, first_lr, later).astype(jnp.float32)
+
+  chosen = compounding if kind == 'exponential' or warmup == 0 else official
+  return lambda step: chosen(jnp.asarray(step))
 
 
 # ---------------------------------------------------------------------------
@@ -129,15 +159,22 @@ def train_loss(model: DenseFlow, params, batch_stats, batch, noise):
   return loss, updates.get('batch_stats', batch_stats)
 
 
-def train_step_fn(model: DenseFlow, settings: StepSettings):
-  """The un-jitted train step ``(state, batch, base_key) -> (state, metrics)``."""
+def train_step_fn(model: DenseFlow, settings: StepSettings,
+                  schedule: Optional[Callable[[Any], jax.Array]] = None,
+                  noise_fn: Callable = model_lib.draw_noise):
+  """The un-jitted train step ``(state, batch, base_key) -> (state, metrics)``.
+
+  ``schedule(step) -> lr`` defaults to :func:`make_lr_schedule` of the settings, and
+  ``noise_fn(spec, key, batch_size) -> noise`` to ``model.draw_noise``; a test hands in a
+  recorded lr sequence or recorded noise through them (tests/test_lockstep.py). Training
+  uses the defaults."""
   spec = model.spec
   tx = make_optimizer(settings)
-  schedule = make_lr_schedule(settings)
+  schedule = make_lr_schedule(settings) if schedule is None else schedule
   ema_decay = settings.ema_decay
 
   def loss_fn(params, batch_stats, batch, key):
-    noise = model_lib.draw_noise(spec, key, batch.shape[0])
+    noise = noise_fn(spec, key, batch.shape[0])
     return train_loss(model, params, batch_stats, batch, noise)
 
   def step_fn(state: TrainState, batch, base_key):

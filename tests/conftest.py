@@ -47,6 +47,15 @@ def reference_dir():
 
 
 @pytest.fixture(scope='session')
+def lockstep_dir():
+  """40 recorded official training steps (../shared/fixtures/lockstep); skip where absent."""
+  path = FIXTURES / 'lockstep'
+  if not (path / 'trajectory.npz').exists():
+    pytest.skip(f'lockstep fixture not found at {path}')
+  return path
+
+
+@pytest.fixture(scope='session')
 def init_stats_dir():
   """Official per-parameter statistics at initialisation (../shared/fixtures/init-stats)."""
   path = FIXTURES / 'init-stats'

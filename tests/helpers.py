@@ -43,6 +43,12 @@ def tiny_config(overrides: Optional[Mapping] = None, base: str = 'default'):
   return config
 
 
+def step_settings(steps_per_epoch, **changes):
+  """StepSettings of configs/default.py with `changes`."""
+  settings = TrainSettings.from_config(default.get_config()).step_settings(steps_per_epoch)
+  return dataclasses.replace(settings, **changes)
+
+
 def random_variables(seed=0, batch_stats=True):
   rng = np.random.default_rng(seed)
   variables = {'params': {'prior': {'loc': rng.normal(size=6).astype(np.float32),

@@ -29,7 +29,8 @@ CLASSES = {TOP: settings.RunSettings, **settings.SECTIONS}
 BAD = {
     TOP: {'seed': 2 ** 32, 'checkpoint': 3},
     'train': {
-        'batch_size': 0, 'epochs': -1, 'optimizer': 'sgd', 'lr': -1e-3, 'warmup_steps': -1,
+        'batch_size': 0, 'epochs': -1, 'optimizer': 'sgd', 'lr': -1e-3, 'lr_schedule': 'cosine',
+        'warmup_steps': -1,
         'gamma': 2.0, 'phase': 'warmup', 'finetune_lr': float('nan'), 'finetune_epochs': -1,
         'grad_clip': -1.0, 'ema_decay': 1.0, 'log_every': 0, 'eval_every_epochs': 0,
         'sample_every_epochs': 0, 'checkpoint_every_steps': 0, 'keep_checkpoints': -1,
@@ -169,6 +170,9 @@ def test_values_are_normalised_and_step_settings_hashable():
   with pytest.raises(ConfigError, match=r'train\.gamma \(lr decay per epoch\) must be in '
                                         r'\(0, 1\], got 2\.0'):
     dataclasses.replace(step, gamma=2.0)
+  with pytest.raises(ConfigError, match=r"^train\.lr_schedule must be one of \('official', "
+                                        r"'official_torch2', 'exponential'\), got 'cosine'$"):
+    dataclasses.replace(step, lr_schedule='cosine')
   with pytest.raises(ConfigError, match='steps_per_epoch must be a positive integer'):
     train.step_settings(0)
   fid = dict(default.get_config().fid)

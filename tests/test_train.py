@@ -28,7 +28,7 @@ from denseflow_jax import train
 from denseflow_jax import train_step
 from denseflow_jax.data import sources as data_sources
 from denseflow_jax.settings import StepSettings, TrainSettings
-from helpers import TRAIN_BATCH, train_config, train_iterator
+from helpers import TRAIN_BATCH, step_settings, train_config, train_iterator
 from denseflow_jax.model import DenseFlow, draw_noise
 from denseflow_jax.errors import ConfigError
 from denseflow_jax.spec import spec_from_config
@@ -94,29 +94,51 @@ def leaves_equal(a, b):
 # ---------------------------------------------------------------------------
 
 
-def step_settings(steps_per_epoch, **changes):
-  """StepSettings of configs/default.py with `changes`."""
-  settings = TrainSettings.from_config(default.get_config()).step_settings(steps_per_epoch)
-  return dataclasses.replace(settings, **changes)
+def official_lr(step, lr, warmup, gamma, steps_per_epoch, first):
+  """The official loop's lr (torch 1.8.1: first = lr; torch 2.x: first = 0), written out."""
+  if step == 0:
+    return first
+  return lr * min(1.0, step / warmup) * (gamma if step % steps_per_epoch == 0 else 1.0)
 
 
-def test_lr_schedule_matches_closed_form():
-  settings = step_settings(10, lr=1e-3, warmup_steps=5, gamma=0.9)
+@pytest.mark.parametrize('kind', ['official', 'official_torch2', 'exponential'])
+def test_lr_schedule_matches_closed_form(kind):
+  settings = step_settings(10, lr=1e-3, warmup_steps=5, gamma=0.9, lr_schedule=kind)
   schedule = train_step.make_lr_schedule(settings)
-  for step in (0, 1, 3, 5, 9, 10, 19, 20, 37, 1000):
-    want = 1e-3 * min(1.0, step / 5) * 0.9 ** (step // 10)
+  for step in (0, 1, 3, 5, 9, 10, 11, 19, 20, 37, 40, 1000):
+    if kind == 'exponential':
+      want = 1e-3 * min(1.0, step / 5) * 0.9 ** (step // 10)
+    else:
+      want = official_lr(step, 1e-3, 5, 0.9, 10, 1e-3 if kind == 'official' else 0.0)
     assert math.isclose(float(schedule(step)), want, rel_tol=1e-6, abs_tol=1e-12), step
-  no_warmup = train_step.make_lr_schedule(step_settings(4, lr=2e-3, warmup_steps=0, gamma=0.5))
+  # Without warm-up the official loop has ExponentialLR alone: it compounds, step 1 included.
+  no_warmup = train_step.make_lr_schedule(step_settings(4, lr=2e-3, warmup_steps=0, gamma=0.5,
+                                                        lr_schedule=kind))
   assert [float(no_warmup(s)) for s in (0, 3, 4, 8)] == pytest.approx([2e-3, 2e-3, 1e-3, 5e-4])
   finetune = train_step.make_lr_schedule(step_settings(10, phase='finetune', finetune_lr=2e-5,
-                                                  warmup_steps=5))
-  assert [float(finetune(s)) for s in (0, 7, 5000)] == pytest.approx([2e-5] * 3)
+                                                       warmup_steps=5, lr_schedule=kind))
+  assert [float(finetune(s)) for s in (0, 7, 10, 5000)] == pytest.approx([2e-5] * 4)
+
+
+def test_official_schedule_never_compounds():
+  """CIFAR-10's recipe (warm-up 5000, gamma 0.9975, 781 steps per epoch, 400 epochs): the
+  official lr is 1e-3 to the end but for the first step of each epoch."""
+  settings = step_settings(781, lr=1e-3, warmup_steps=5000, gamma=0.9975)
+  assert settings.lr_schedule == 'official'       # the default
+  schedule = train_step.make_lr_schedule(settings)
+  last = 400 * 781 - 1
+  assert [float(schedule(s)) for s in (0, 2500, 781 * 399, last)] == pytest.approx(
+      [1e-3, 5e-4, 0.9975e-3, 1e-3])
+  exponential = train_step.make_lr_schedule(dataclasses.replace(settings,
+                                                                lr_schedule='exponential'))
+  assert float(exponential(last)) == pytest.approx(1e-3 * 0.9975 ** 399)    # 0.37e-3
 
 
 def test_settings_from_default_config():
   settings = TrainSettings.from_config(default.get_config()).step_settings(781)
   assert settings == StepSettings(
-      steps_per_epoch=781, phase='pretrain', optimizer='adamax', lr=1e-3, warmup_steps=5000,
+      steps_per_epoch=781, phase='pretrain', lr_schedule='official', optimizer='adamax',
+      lr=1e-3, warmup_steps=5000,
       gamma=0.9975, finetune_lr=2e-5, grad_clip=0.0, ema_decay=0.0)
   hash(settings)
 
@@ -185,8 +207,8 @@ def test_sharded_step_matches_single_device(compiled, caplog):
 
 def test_steps_follow_torch_adamax_and_the_warmup(compiled):
   """Three train steps against torch.optim.Adamax's rule written out in NumPy, with the
-  official warm-up (survae LinearWarmupScheduler: step n uses lr * min(1, n / warmup), so
-  step 0 only fills the moments) and global-norm clipping (config: warmup 2, clip 1.0):
+  official schedule (torch 1.8.1: step 0 at the base lr, then lr * min(1, n / warmup);
+  no epoch starts in these steps) and global-norm clipping (config: warmup 2, clip 1.0):
 
       g <- g * min(1, clip / |g|);   m <- b1 m + (1 - b1) g;   u <- max(b2 u, |g| + eps)
       p <- p - lr_n / (1 - b1^(n+1)) * m / u           (b1, b2, eps = 0.9, 0.999, 1e-8)
@@ -210,7 +232,8 @@ def test_steps_follow_torch_adamax_and_the_warmup(compiled):
     g = jax.tree.map(lambda a: a * min(1.0, c.train.grad_clip / norm), g)
     m = jax.tree.map(lambda m_, g_: 0.9 * m_ + 0.1 * g_, m, g)
     u = jax.tree.map(lambda u_, g_: np.maximum(0.999 * u_, np.abs(g_) + 1e-8), u, g)
-    lr = c.train.lr * min(1.0, n / c.train.warmup_steps)
+    lr = official_lr(n, c.train.lr, c.train.warmup_steps, c.train.gamma, compiled['spe'],
+                     first=c.train.lr)
     params = jax.tree.map(lambda p_, m_, u_: p_ - lr / (1 - 0.9 ** (n + 1)) * m_ / u_,
                           params, m, u)
     state, metrics = compiled['step1'](state, sharding.global_batch(batch, mesh), key)
@@ -274,9 +297,10 @@ def test_resume_is_exact(config, tmp_path, compiled):
   assert [r['step'] for r in records] == [1, 2, 3, 4]
   assert [r['train_bpd'] for r in records] == [r['train_bpd'] for r in
                                                metrics_log.read_metrics(tmp_path / 'straight')]
-  # Warm-up over 2 steps, then halved at the epoch boundary (3 steps per epoch); the
-  # record of step n shows the lr used by update n (schedule at n - 1).
-  assert [r['lr'] for r in records] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+  # The official schedule across the resume: the base lr at step 1, warm-up over 2 steps,
+  # the first step of the second epoch halved (3 steps per epoch); the record of step n
+  # shows the lr used by update n (schedule at n - 1).
+  assert [r['lr'] for r in records] == pytest.approx([1e-3, 5e-4, 1e-3, 5e-4])
   assert all(set(r) >= {'step', 'epoch', 'lr', 'train_bpd', 'img_per_s', 'skipped'}
              for r in records)
   assert list((tmp_path / 'resumed' / metrics_log.TENSORBOARD_DIR).iterdir())
