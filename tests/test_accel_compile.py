@@ -7,9 +7,10 @@ dequantization, dense block and Nystrom attention couplings, cross-unit coupling
 H200, checks that it really is a GPU program (cuDNN convolutions), and fails if its kernel
 count grows past KERNEL_BUDGET. The TPU tests build the same train step for a v5e slice
 (2x2: 4 chips) and check that it is a TPU program whose only collectives are the
-gradient all-reduces and ONE all-reduce per BatchNorm layer of the forward pass; and
-compile a train step that cannot fit a v5e chip's 16 GiB of HBM, which must end in the
-one-line error training prints (denseflow_jax/device_memory.py).
+gradient all-reduces and ONE all-reduce per BatchNorm layer of the forward pass; and (with
+DENSEFLOW_SLOW_TESTS=1: over 30 minutes on 2 cores) compile a train step that cannot fit a
+v5e chip's 16 GiB of HBM, which must end in the one-line error training prints
+(denseflow_jax/device_memory.py).
 
 They run experiments/accel_compile.py with the Python named by
 DENSEFLOW_GPU_COMPILE_PYTHON / DENSEFLOW_TPU_COMPILE_PYTHON (venvs with the `gpu-compile`
@@ -197,9 +198,14 @@ def test_small_train_step_compiles_for_a_v5e_slice_with_one_all_reduce_per_batch
   assert 0 < line['memory']['peak_gib'] < 16
 
 
+@pytest.mark.skipif(not os.environ.get('DENSEFLOW_SLOW_TESTS'),
+                    reason='XLA:TPU worked on this compile for over 30 minutes on 2 cores before '
+                           'refusing it; set DENSEFLOW_SLOW_TESTS=1 to run it')
 def test_a_train_step_that_cannot_fit_a_v5e_chip_is_one_error_line(tmp_path):
   """2,048 images per chip of the small model need far more than a v5e chip's 16 GiB: the
-  compile fails as XLA:TPU fails on a real slice, and the tool prints what training prints."""
+  compile fails as XLA:TPU fails on a real slice, and the tool prints what training prints.
+  Slow: XLA:TPU tries to fit the program (rematerialisation) before it gives up.
+  tests/test_device_memory.py checks the message for XLA:TPU's error text in the suite."""
   line, result = _compile(tmp_path, 'tpu', 'libtpu', '--target', 'v5e', '--topology', '2x2',
                           *SMALL_MODEL[:-1], '--config.train.batch_size=8192', check=False)
   assert result.returncode == 1 and line is None, result.stderr[-3000:]
