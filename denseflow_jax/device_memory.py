@@ -11,6 +11,8 @@ that make it fit; any other error is left alone (it returns None).
 import re
 from typing import Optional
 
+import jax
+
 from denseflow_jax.errors import DenseFlowError
 
 _NEEDED = re.compile(r'required for HLO temporaries \(([\d.]+\s*[KMGT]?i?B?)\)')
@@ -53,3 +55,17 @@ def out_of_memory(error: Exception, program: str, batch: int, devices: int,
       f'{what}. Make it fit: a smaller batch (--config.{field}={smaller}), '
       f'--config.model.remat=True (recompute the coupling networks in the backward pass), '
       f'or --config.model.compute_dtype=bfloat16')
+
+
+def run_or_explain(fn, args, program: str, batch: int, mesh, field: str):
+  """``fn(*args)``; an out-of-memory error of XLA becomes the DeviceMemoryError of
+  `out_of_memory` for `batch` (of `field`) over the devices of `mesh`; any other error
+  passes."""
+  try:
+    return fn(*args)
+  except jax.errors.JaxRuntimeError as error:
+    too_big = out_of_memory(error, program, batch, mesh.size, field,
+                            mesh.devices.flat[0].device_kind)
+    if too_big is None:
+      raise
+    raise too_big from None

@@ -35,7 +35,7 @@ from etils import epath
 from denseflow_jax import checkpoint as ckpt_lib
 from denseflow_jax import data as data_lib
 from denseflow_jax.console import Progress
-from denseflow_jax.device_memory import out_of_memory
+from denseflow_jax.device_memory import run_or_explain
 from denseflow_jax.errors import ConfigError, DataError, NonFiniteError, TrainingInterrupted
 from denseflow_jax.files import as_path
 from denseflow_jax.interrupt import stop_signals
@@ -296,19 +296,6 @@ def _evaluate(run: _Run, state, step, meta, log) -> dict:
   return results
 
 
-def _run_step(run: '_Run', train_step, state, batch, key):
-  """One train step; a step that does not fit the accelerator's memory (a TPU says so when
-  it compiles, a GPU when it first allocates) ends the run in one line with the fix."""
-  try:
-    return train_step(state, batch, key)
-  except jax.errors.JaxRuntimeError as error:
-    too_big = out_of_memory(error, 'the train step', run.train.batch_size, run.mesh.size,
-                            'train.batch_size', run.mesh.devices.flat[0].device_kind)
-    if too_big is None:
-      raise
-    raise too_big from None
-
-
 def _train_loop(run: _Run) -> TrainState:
   """The body of train_and_evaluate once the checkpointer and the data iterator exist."""
   t, steps_per_epoch = run.train, run.iterator.steps_per_epoch
@@ -339,13 +326,13 @@ def _train_loop(run: _Run) -> TrainState:
     # ---- train: after each step, is it time to log / evaluate / sample / save? ----
     train_step = make_train_step(run.spec, t, run.mesh, steps_per_epoch)
     window = MetricsWindow(t.log_every, t.batch_size, steps_per_epoch, replicated(run.mesh))
-    local_shape = (run.batch.local_size, *run.spec.image_shape)
     started, step, last_eval, saved_step = time.perf_counter(), start_step, {}, run.latest
     previous, evaluated = None, False
     stop = stack.enter_context(stop_signals())
     progress.say(compile_notice(last_compile))
-    for batch in _batches(first_batch, run.iterator, local_shape):
-      state, metrics = _run_step(run, train_step, state, global_batch(batch, run.mesh), train_key)
+    for batch in _batches(first_batch, run.iterator, (run.batch.local_size, *run.spec.image_shape)):
+      state, metrics = run_or_explain(train_step, (state, global_batch(batch, run.mesh), train_key),
+                                      'the train step', t.batch_size, run.mesh, 'train.batch_size')
       window.add(metrics)
       step += 1
       if previous is None:                  # the first call compiled: time from here on

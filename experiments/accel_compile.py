@@ -258,14 +258,8 @@ def compile_program(name: str, config, spec, mesh, variables, state, target: str
   trace_s = time.perf_counter() - start
   lowered = traced.lower(lowering_platforms=(platform_of(target),))
   lower_s = time.perf_counter() - start - trace_s
-  try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as error:
-    too_big = device_memory.out_of_memory(error, f'the {name} program', batch, mesh.size,
-                                          FIELDS[name], mesh.devices.flat[0].device_kind)
-    if too_big is None:
-      raise
-    raise too_big from None
+  compiled = device_memory.run_or_explain(lowered.compile, (), f'the {name} program', batch,
+                                          mesh, FIELDS[name])
   compile_s = time.perf_counter() - start - trace_s - lower_s
   text = compiled.as_text()
   if hlo_dir:

@@ -275,7 +275,7 @@ def test_text_agrees_with_the_readme():
                           'experiments/colab.ipynb)')
   text = '\n'.join(c.source for c in nb.cells)
   readme = (ROOT / 'README.md').read_text()
-  quick_start = readme.split('## Set up and quick start', 1)[1].split('\n## ', 1)[0]
+  quick_start = readme.split('## Quick start', 1)[1].split('\n## ', 1)[0]
   durations = re.findall(r'\d+ min(?:utes?)?(?: \d+ s)?', text)
   assert durations, 'the notebook states no run time'
   for d in durations:   # every run time the notebook states is the README's for the quick start
