@@ -81,7 +81,7 @@ TPU_TARGETS = {'v4': ('v4', '2x2x1', 32), 'v5e': ('v5e', '2x2', 16),
                'v5p': ('v5p', '2x2x1', 95), 'v6e': ('v6e', '2x2', 32)}
 PROGRAMS = ('train', 'eval', 'sample')
 STEPS_PER_EPOCH = 1000   # a constant of the lr schedule alone: the program does not depend on it
-INSTALL = {'gpu': 'pip install -e ".[gpu-compile]" (JAX\'s CUDA plugin at jax\'s version and '
+INSTALL = {'cuda': 'pip install -e ".[gpu-compile]" (JAX\'s CUDA plugin at jax\'s version and '
                   'ptxas; README, "The accelerator programs, compiled without one")',
            'tpu': 'pip install -e ".[tpu]" (libtpu at jax\'s version; README, "The '
                   'accelerator programs, compiled without one")'}
@@ -107,7 +107,8 @@ class CompileError(RuntimeError):
 
 
 def platform_of(target: str) -> str:
-  return 'tpu' if target in TPU_TARGETS else 'gpu'
+  """The platform JAX lowers for: 'tpu' or 'cuda'."""
+  return 'tpu' if target in TPU_TARGETS else 'cuda'
 
 
 def target_devices(target: str, gpus: int = 1, topology: str = '') -> list:
@@ -241,6 +242,8 @@ def _xla_cost(compiled) -> dict:
   except Exception:  # noqa: BLE001 -- the CUDA plugin does not answer
     return {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost:   # the CUDA plugin answers None
+    return {}
   return {'xla_cost': {'gflop_loop_bodies_once': round(cost.get('flops', 0) / 1e9, 1),
                        'gb_accessed_loop_bodies_once': round(cost.get('bytes accessed', 0) / 1e9, 2)}}
 
