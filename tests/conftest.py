@@ -35,33 +35,32 @@ import pytest  # noqa: E402
 import helpers  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
-FIXTURE_DIR = FIXTURES / 'reference-small'
+
+
+def _fixture_folder(name: str, marker: str) -> pathlib.Path:
+  """../shared/fixtures/<name>, or a skip naming where it was looked for."""
+  path = FIXTURES / name
+  if not (path / marker).exists():
+    pytest.skip(f'{name} fixture not found at {path}')
+  return path
 
 
 @pytest.fixture(scope='session')
 def reference_dir():
   """The official-model fixture (../shared/fixtures/reference-small); skip where absent."""
-  if not (FIXTURE_DIR / 'state_dict.npz').exists():
-    pytest.skip(f'reference fixture not found at {FIXTURE_DIR}')
-  return FIXTURE_DIR
+  return _fixture_folder('reference-small', 'state_dict.npz')
 
 
 @pytest.fixture(scope='session')
 def lockstep_dir():
   """40 recorded official training steps (../shared/fixtures/lockstep); skip where absent."""
-  path = FIXTURES / 'lockstep'
-  if not (path / 'trajectory.npz').exists():
-    pytest.skip(f'lockstep fixture not found at {path}')
-  return path
+  return _fixture_folder('lockstep', 'trajectory.npz')
 
 
 @pytest.fixture(scope='session')
 def init_stats_dir():
   """Official per-parameter statistics at initialisation (../shared/fixtures/init-stats)."""
-  path = FIXTURES / 'init-stats'
-  if not (path / 'official_init.json').exists():
-    pytest.skip(f'init-stats fixture not found at {path}')
-  return path
+  return _fixture_folder('init-stats', 'official_init.json')
 
 
 @pytest.fixture(scope='session')
