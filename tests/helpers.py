@@ -34,6 +34,15 @@ def model_spec(**fields) -> ModelSpec:
   return dataclasses.replace(spec_from_config(default.get_config().model), **fields)
 
 
+def official_spec(meta) -> ModelSpec:
+  """The ModelSpec of an official-model fixture, from its meta.json (constructor arguments)."""
+  cfg = meta['config']
+  c, h, w = cfg['data_shape']
+  return model_spec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
+                    layers_config=tuple(cfg['layers_config']),
+                    mid_channels=tuple(cfg['layer_mid_chnls']), growth_rate=cfg['growth_rate'])
+
+
 def tiny_config(overrides: Optional[Mapping] = None, base: str = 'default'):
   """The one test-config builder (also the `make_config` fixture of conftest.py):
   configs/<base>.py, the tiny model (TINY), then ``overrides`` ({'section.field': value},

@@ -28,7 +28,7 @@ from denseflow_jax import model as model_lib
 from denseflow_jax import train_step
 from denseflow_jax.convert import convert_state_dict, flax_location
 from denseflow_jax.state_dict import flatten
-from helpers import model_spec, step_settings
+from helpers import official_spec, step_settings
 
 CHECKPOINTS = (1, 10, 20, 40)
 FACTOR = 3
@@ -45,11 +45,7 @@ def nhwc(a):
 @pytest.fixture(scope='module')
 def fixture(lockstep_dir):
   meta = json.loads((lockstep_dir / 'meta.json').read_text())
-  cfg = meta['config']
-  c, h, w = cfg['data_shape']
-  spec = model_spec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
-                    layers_config=tuple(cfg['layers_config']),
-                    mid_channels=tuple(cfg['layer_mid_chnls']), growth_rate=cfg['growth_rate'])
+  spec = official_spec(meta)
   s0 = dict(np.load(lockstep_dir / 'state_dict_0.npz'))
   variables = convert_state_dict(s0, spec)
   flat = flatten(variables)

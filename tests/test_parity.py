@@ -14,7 +14,7 @@ from denseflow_jax.errors import ConvertError
 from denseflow_jax.flows.dequantization import dequantization_inverse
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.nets.coupling_net import DenseAttentionNet
-from helpers import model_spec
+from helpers import model_spec, official_spec
 
 
 def nhwc(a):
@@ -24,11 +24,7 @@ def nhwc(a):
 @pytest.fixture(scope='module')
 def reference(reference_dir):
   meta = json.loads((reference_dir / 'meta.json').read_text())
-  cfg = meta['config']
-  c, h, w = cfg['data_shape']
-  spec = model_spec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
-                   layers_config=tuple(cfg['layers_config']),
-                   mid_channels=tuple(cfg['layer_mid_chnls']), growth_rate=cfg['growth_rate'])
+  spec = official_spec(meta)
   state_dict = dict(np.load(reference_dir / 'state_dict.npz'))
   io = dict(np.load(reference_dir / 'io.npz'))
   variables = convert_state_dict(state_dict, spec)
