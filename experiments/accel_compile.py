@@ -76,9 +76,13 @@ from denseflow_jax.spec import spec_from_config  # noqa: E402
 GPU_TARGETS = {'h200': HERE / 'gpu_targets' / 'h200.txtpb',
                'h100': HERE / 'gpu_targets' / 'h100_sxm.txtpb'}
 # TPU generations: libtpu's name, the default slice (one host: 4 chips), HBM per chip in GiB
-# (Cloud TPU's documentation; the compiler's own usable figure is in each line's `hbm`).
-TPU_TARGETS = {'v4': ('v4', '2x2x1', 32), 'v5e': ('v5e', '2x2', 16),
-               'v5p': ('v5p', '2x2x1', 95), 'v6e': ('v6e', '2x2', 32)}
+# (Cloud TPU's documentation; the compiler's own usable figure is in each line's `hbm`),
+# and the chip configuration of a Cloud TPU VM: v4 and v5p chips have two TensorCores that
+# JAX drives as ONE device ('megacore'; libtpu's compile-only default for v4 is one device
+# per core, 8 on a v4-8, which is not what a TPU VM runs), v5e and v6e chips have one.
+TPU_TARGETS = {'v4': ('v4', '2x2x1', 32, 'megacore'), 'v5e': ('v5e', '2x2', 16, 'default'),
+               'v5p': ('v5p', '2x2x1', 95, 'megacore'), 'v6e': ('v6e', '2x2', 32, 'default')}
+CHIPS_PER_HOST = (2, 2, 1)   # a TPU VM host of these generations drives 4 chips
 PROGRAMS = ('train', 'eval', 'sample')
 STEPS_PER_EPOCH = 1000   # a constant of the lr schedule alone: the program does not depend on it
 INSTALL = {'cuda': 'pip install -e ".[gpu-compile]" (JAX\'s CUDA plugin at jax\'s version and '
@@ -115,9 +119,10 @@ def target_devices(target: str, gpus: int = 1, topology: str = '') -> list:
   """Compile-only devices: `gpus` GPUs of a GPU target, or a TPU slice's chips."""
   try:
     if target in TPU_TARGETS:
-      name, default_topology, _ = TPU_TARGETS[target]
+      name, default_topology, _, chip_config = TPU_TARGETS[target]
       return list(topologies.get_topology_desc(
-          topology_name=f'{name}:{topology or default_topology}', platform='tpu').devices)
+          topology_name=f'{name}:{topology or default_topology}', platform='tpu',
+          chip_config_name=chip_config, chips_per_host_bounds=CHIPS_PER_HOST).devices)
     return list(topologies.get_topology_desc(
         platform='cuda', target_config=GPU_TARGETS[target].read_text(),
         topology=f'1x1x{gpus}').devices)

@@ -32,7 +32,8 @@ class Run:
     self.base = base
     self.device = device
     self.steps = steps
-    self.unrolled = int(base.model.scan_unroll)   # the config's scan_unroll
+    # the config's scan_unroll, 0 (per platform) resolved for this backend: what runs
+    self.unrolled = spec_from_config(base.model).unroll_for(jax.default_backend())
     self.eval_unroll = self.unrolled              # 1 once an unrolled compile was too slow
     self.mesh = sharding.make_mesh()
     self.rng = np.random.default_rng(0)

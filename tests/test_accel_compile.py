@@ -173,6 +173,31 @@ def _batchnorm_layers() -> int:
   return sum(int(np.prod(m.shape[:-1])) for m in means)
 
 
+_DEVICES_OF_TARGETS = """
+import json, sys
+sys.argv = ['accel_compile']
+import accel_compile
+print(json.dumps({t: [(d.device_kind, d.process_index, tuple(d.coords), d.core_on_chip)
+                      for d in accel_compile.target_devices(t)]
+                  for t in accel_compile.TPU_TARGETS}))
+"""
+
+
+def test_tpu_targets_are_the_devices_a_tpu_vm_has():
+  """One host of each generation: 4 chips, ONE device per chip. v4 and v5p chips have two
+  TensorCores that JAX on a TPU VM drives as one device (megacore); libtpu's compile-only
+  default for v4 is a device per core (8), whose programs and memory are not a TPU VM's."""
+  result = subprocess.run([_compile_python('tpu', 'libtpu'), '-c', _DEVICES_OF_TARGETS],
+                          cwd=ROOT / 'experiments', capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  devices = json.loads(result.stdout.strip().splitlines()[-1])
+  kinds = {'v4': 'TPU v4', 'v5e': 'TPU v5 lite', 'v5p': 'TPU v5', 'v6e': 'TPU v6 lite'}
+  for target, kind in kinds.items():
+    chips = {tuple(coords) for _, _, coords, _ in devices[target]}
+    assert len(devices[target]) == len(chips) == 4, (target, devices[target])
+    assert {(k, process, core) for k, process, _, core in devices[target]} == {(kind, 0, 0)}
+
+
 def test_small_train_step_compiles_for_an_h200_within_its_kernel_budget(tmp_path):
   line, _ = _compile(tmp_path, 'gpu', 'jax_cuda12_plugin', *SMALL_MODEL)
   assert line['target'] == 'h200' and line['program'] == 'train'

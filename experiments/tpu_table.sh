@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The compiles behind experiments/RESULTS.md, "The TPU program, compiled without a TPU"
+# (issue #26), one at a time (each DenseFlow-74-10 compile takes 13+ GB of host memory).
+# A variant whose JSON file exists is skipped, so the script resumes where it stopped; one
+# that fails (a program that does not fit the chip's HBM ends in one `error:` line) leaves
+# that line in LABEL.error.txt and is not tried again either.
+#   bash experiments/tpu_table.sh [LABEL ...]     (no labels: all of them, in this order)
+# Needs the venv of the `tpu` extra: python -m venv .venv-tpu-compile &&
+# .venv-tpu-compile/bin/pip install -e ".[tpu]"
+set -u
+cd "$(dirname "$0")/.."
+PY=${DENSEFLOW_TPU_COMPILE_PYTHON:-.venv-tpu-compile/bin/python}
+OUT=experiments/results/tpu_compile
+LOGS=${TPU_TABLE_LOGS:-/tmp/tpu_table_logs}
+mkdir -p "$OUT" "$LOGS"
+
+# label | target | topology | programs | config overrides (64 images per chip on 4 chips = 256)
+VARIANTS="
+v5e_high_b64|v5e|2x2|train|--config.train.batch_size=256
+v4_high_b64|v4|2x2x1|train|--config.train.batch_size=256
+v5p_high_b64|v5p|2x2x1|train|--config.train.batch_size=256
+v6e_high_b64|v6e|2x2|train|--config.train.batch_size=256
+v5e_high_b32|v5e|2x2|train|--config.train.batch_size=128
+v5e_bf16_b64|v5e|2x2|train|--config.train.batch_size=256 --config.model.compute_dtype=bfloat16
+v5e_eval_sample|v5e|2x2|eval,sample|
+v4_high_b16|v4|2x2x1|train|--config.train.batch_size=64
+v5p_high_b16|v5p|2x2x1|train|--config.train.batch_size=64
+v6e_high_b16|v6e|2x2|train|--config.train.batch_size=64
+v5e_high_b48|v5e|2x2|train|--config.train.batch_size=192
+v4_bf16_b64|v4|2x2x1|train|--config.train.batch_size=256 --config.model.compute_dtype=bfloat16
+v5p_bf16_b64|v5p|2x2x1|train|--config.train.batch_size=256 --config.model.compute_dtype=bfloat16
+v6e_bf16_b64|v6e|2x2|train|--config.train.batch_size=256 --config.model.compute_dtype=bfloat16
+"
+wanted=" $* "
+echo "$VARIANTS" | while IFS='|' read -r label target topology programs overrides; do
+  [ -z "$label" ] && continue
+  [ $# -gt 0 ] && [[ "$wanted" != *" $label "* ]] && continue
+  [ -s "$OUT/$label.jsonl" ] || [ -s "$OUT/$label.error.txt" ] && { echo "skip $label (done)"; continue; }
+  echo "$(date -u +%H:%M:%S) $label"
+  # shellcheck disable=SC2086
+  "$PY" experiments/accel_compile.py --config configs/cifar10.py --target "$target" \
+      --topology "$topology" --programs "$programs" --label "$label" $overrides \
+      > "$OUT/$label.jsonl.part" 2> "$LOGS/$label.log"
+  status=$?
+  if [ $status -eq 0 ]; then mv "$OUT/$label.jsonl.part" "$OUT/$label.jsonl"
+  else
+    rm -f "$OUT/$label.jsonl.part"
+    grep '^error:' "$LOGS/$label.log" > "$OUT/$label.error.txt"
+    echo "  $label: exit $status (log: $LOGS/$label.log)"; tail -n 2 "$LOGS/$label.log"
+  fi
+done
