@@ -240,3 +240,29 @@ def test_a_train_step_that_cannot_fit_a_v5e_chip_is_one_error_line(tmp_path):
                    r'4 chips\) needs [\d.]+G of memory per chip, and a TPU v5 lite chip has '
                    r'[\d.]+G', errors[0]), errors[0]
   assert '--config.model.remat=True' in errors[0] and 'Traceback' not in result.stderr
+
+
+def test_tpu_table_finds_the_largest_batch_on_the_line_through_two_compiles(tmp_path):
+  """experiments/tpu_table.py: peak(b) = a + s*b through the two points, largest b with
+  peak(b) <= usable HBM; an XLA:TPU refusal is a point too and gives the usable HBM."""
+  import tpu_table
+
+  def line(kind, per_chip, peak):
+    return json.dumps({'config': 'x/configs/cifar10.py', 'device_kind': kind, 'devices': 4,
+                       'program': 'train', 'batch_per_device': per_chip,
+                       'compute_dtype': 'float32', 'precision': 'high', 'compile_s': 1.0,
+                       'host_peak_gib': 1.0, 'memory': {'peak_gib': peak}, 'kernels': 1,
+                       'collectives': {}})
+  (tmp_path / 'v6e_a.jsonl').write_text(line('TPU v6 lite', 16, 10.0) + '\n')
+  (tmp_path / 'v6e_b.jsonl').write_text(line('TPU v6 lite', 64, 22.0) + '\n')
+  (tmp_path / 'v5e_a.jsonl').write_text(line('TPU v5 lite', 16, 8.0) + '\n')
+  (tmp_path / 'v5e_b.error.txt').write_text(
+      'error: the train program at 64 images per chip (train.batch_size = 256 over 4 chips) '
+      'needs 20.00G of memory per chip, and a TPU v5 lite chip has 15.75G. Make it fit: ...\n')
+  lines, refused = tpu_table.read(tmp_path)
+  summary = '\n'.join(tpu_table.largest_batches(lines, refused))
+  # v6e: 6 GiB + 0.25 GiB per image, 32 GiB * 15.75/16 = 31.5 usable -> 102 images.
+  assert 'TPU v6 lite' in summary and 'about 102 images per chip' in summary, summary
+  # v5e: 8 + (20 - 8)/48 = 0.25 per image from 16 -> 4 GiB + 0.25 b <= 15.75 -> 47 images.
+  assert 'about 47 images per chip' in summary, summary
+  assert len(tpu_table.rows(lines, refused)) == 2 + 4
