@@ -77,6 +77,16 @@ _LEAF_NAMES = {'weight': 'weight', 'bias': 'bias', 'loc': 'loc', 'log_scale': 'l
                'shift': 'shift', 'running_mean': 'mean', 'running_var': 'var'}
 
 
+def official_model_fields(args: Mapping) -> Dict:
+  """Our `model.*` fields for the official DenseFlow constructor's arguments (as the
+  fixtures' meta.json record them): data_shape (C, H, W) -> image_shape (H, W, C),
+  layer_mid_chnls -> mid_channels; block_config, layers_config, growth_rate as they are."""
+  c, h, w = args['data_shape']
+  return {'image_shape': (h, w, c), 'block_config': tuple(args['block_config']),
+          'layers_config': tuple(args['layers_config']),
+          'mid_channels': tuple(args['layer_mid_chnls']), 'growth_rate': args['growth_rate']}
+
+
 def flax_location(key: str, ndim: int) -> Optional[Tuple[str, Tuple[str, ...], Optional[int]]]:
   """(collection, path, stacked index) of an official key; None for derived buffers."""
   if _IGNORED.search(key):

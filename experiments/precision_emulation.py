@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT)]
 
 from configs import default  # noqa: E402
 from denseflow_jax import data, model as model_lib  # noqa: E402
-from denseflow_jax.convert import convert_state_dict  # noqa: E402
+from denseflow_jax.convert import convert_state_dict, official_model_fields  # noqa: E402
 from denseflow_jax.loading import load_model  # noqa: E402
 from denseflow_jax.model import DenseFlow  # noqa: E402
 from denseflow_jax.settings import DataSettings  # noqa: E402
@@ -145,13 +145,9 @@ def measure(model, variables, x, noise, rounding):
 
 def fixture_lines(fixture: pathlib.Path):
   meta = json.loads((fixture / 'meta.json').read_text())
-  cfg, io = meta['config'], dict(np.load(fixture / 'io.npz'))
-  c, h, w = cfg['data_shape']
+  io = dict(np.load(fixture / 'io.npz'))
   model_config = default.get_config().model
-  model_config.update({'image_shape': (h, w, c), 'block_config': tuple(cfg['block_config']),
-                       'layers_config': tuple(cfg['layers_config']),
-                       'mid_channels': tuple(cfg['layer_mid_chnls']),
-                       'growth_rate': cfg['growth_rate'], 'scan_unroll': 1})
+  model_config.update({**official_model_fields(meta['config']), 'scan_unroll': 1})
   spec = spec_from_config(model_config)
   variables = convert_state_dict(dict(np.load(fixture / 'state_dict.npz')), spec)
   nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)))

@@ -10,6 +10,7 @@ import numpy as np
 
 from configs import default
 from denseflow_jax import data, train_step
+from denseflow_jax.convert import official_model_fields
 from denseflow_jax.settings import DataSettings, TrainSettings
 from denseflow_jax.sharding import BatchSplit
 from denseflow_jax.spec import ModelSpec, spec_from_config
@@ -36,11 +37,7 @@ def model_spec(**fields) -> ModelSpec:
 
 def official_spec(meta) -> ModelSpec:
   """The ModelSpec of an official-model fixture, from its meta.json (constructor arguments)."""
-  cfg = meta['config']
-  c, h, w = cfg['data_shape']
-  return model_spec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
-                    layers_config=tuple(cfg['layers_config']),
-                    mid_channels=tuple(cfg['layer_mid_chnls']), growth_rate=cfg['growth_rate'])
+  return model_spec(**official_model_fields(meta['config']))
 
 
 def tiny_config(overrides: Optional[Mapping] = None, base: str = 'default'):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from denseflow_jax import model as model_lib
-from denseflow_jax.convert import flax_location
+from denseflow_jax.convert import flax_location, official_model_fields
 from denseflow_jax.flows.squeeze import squeeze
 from denseflow_jax.model import DenseFlow
 from helpers import model_spec
@@ -31,12 +31,8 @@ SEEDS = (0, 1, 2, 3)
 def official(init_stats_dir):
   info = json.loads((init_stats_dir / 'official_init.json').read_text())
   x = np.load(init_stats_dir / 'first_batch.npz')['x_nhwc']
-  cfg = info['config']
-  c, h, w = cfg['data_shape']
-  spec = model_spec(image_shape=(h, w, c), block_config=tuple(cfg['block_config']),
-                   layers_config=tuple(cfg['layers_config']),
-                   mid_channels=tuple(cfg['layer_mid_chnls']), growth_rate=cfg['growth_rate'],
-                   scan_unroll=1)   # a rolled scan: the same values, a far shorter compile
+  spec = model_spec(**official_model_fields(info['config']),
+                    scan_unroll=1)   # a rolled scan: the same values, a far shorter compile
   return spec, jnp.asarray(x), info
 
 
