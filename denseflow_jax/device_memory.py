@@ -21,7 +21,9 @@ _EXCEEDED = re.compile(r'Used ([\d.]+[KMGT]) of ([\d.]+[KMGT]) hbm')
 
 
 class DeviceMemoryError(DenseFlowError, RuntimeError):
-  """A compiled program needs more accelerator memory than a chip has."""
+  """A compiled program needs more accelerator memory than a chip has; `compiler_says`
+  keeps the first line of XLA's own message (for the record: the compile tool prints it)."""
+  compiler_says: str = ''
 
 
 def _amounts(message: str):
@@ -50,11 +52,13 @@ def out_of_memory(error: Exception, program: str, batch: int, devices: int,
   else:
     what = f'does not fit the memory of {chip} ({message.strip().splitlines()[0][:200]})'
   smaller = max(devices, batch // 2 // devices * devices)
-  return DeviceMemoryError(
+  too_big = DeviceMemoryError(
       f'{program} at {per_chip} images per chip ({field} = {batch} over {devices} chips) '
       f'{what}. Make it fit: a smaller batch (--config.{field}={smaller}), '
       f'--config.model.remat=True (recompute the coupling networks in the backward pass), '
       f'or --config.model.compute_dtype=bfloat16')
+  too_big.compiler_says = message.strip().splitlines()[0]
+  return too_big
 
 
 def run_or_explain(fn, args, program: str, batch: int, mesh, field: str):

@@ -326,6 +326,7 @@ def main(argv):
                              _HLO_DIR.value, _STATE_LAYOUT.value)
     except device_memory.DeviceMemoryError as error:
       print(f'error: {error}', file=sys.stderr)
+      print(f'XLA said: {error.compiler_says}', file=sys.stderr)
       return 1
     except (CompileError, ConfigError) as error:
       print(f'error: {error}', file=sys.stderr)

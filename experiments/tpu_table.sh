@@ -3,7 +3,7 @@
 # (issue #26), one at a time (each DenseFlow-74-10 compile takes 13+ GB of host memory).
 # A variant whose JSON file exists is skipped, so the script resumes where it stopped; one
 # that fails (a program that does not fit the chip's HBM ends in one `error:` line) leaves
-# that line in LABEL.error.txt and is not tried again either.
+# that line (and XLA's own first line) in LABEL.error.txt and is not tried again either.
 #   bash experiments/tpu_table.sh [LABEL ...]     (no labels: all of them, in this order)
 # Needs the venv of the `tpu` extra: python -m venv .venv-tpu-compile &&
 # .venv-tpu-compile/bin/pip install -e ".[tpu]"
@@ -45,7 +45,7 @@ echo "$VARIANTS" | while IFS='|' read -r label target topology programs override
   if [ $status -eq 0 ]; then mv "$OUT/$label.jsonl.part" "$OUT/$label.jsonl"
   else
     rm -f "$OUT/$label.jsonl.part"
-    grep '^error:' "$LOGS/$label.log" > "$OUT/$label.error.txt"
+    grep -e '^error:' -e '^XLA said:' "$LOGS/$label.log" > "$OUT/$label.error.txt"
     echo "  $label: exit $status (log: $LOGS/$label.log)"; tail -n 2 "$LOGS/$label.log"
   fi
 done

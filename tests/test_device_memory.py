@@ -23,6 +23,7 @@ def test_tpu_compile_error_names_batch_per_chip_need_capacity_and_fixes():
   assert '--config.train.batch_size=1024' in text
   assert '--config.model.remat=True' in text and '--config.model.compute_dtype=bfloat16' in text
   assert '\n' not in text
+  assert error.compiler_says == TPU_MESSAGE     # XLA's own line, kept for the record
 
 
 def test_gpu_allocation_failure_is_explained_too():
