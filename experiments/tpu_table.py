@@ -5,14 +5,11 @@ raw lines of experiments/tpu_table.sh (experiments/results/tpu_compile/).
 
 Prints one markdown row per compiled program (LABEL.jsonl) or refused one
 (LABEL.error.txt: XLA:TPU's figure of what the step needs, against what the chip has),
-then the largest batch per chip of each generation's train step at float32 compute and
-the configured precision. That estimate is a straight line through the (images per chip,
-HBM per chip) points of the generation: peak(b) = a + s * b, largest b with
-peak(b) <= the chip's usable HBM. The usable HBM is XLA:TPU's own figure where one of its
-errors gave it (v5e: 15.75 of 16 GiB), else the nominal HBM less the same 1.6%. XLA
-plans memory against the HBM it has (on a large chip it keeps more alive at once), so a
-line through points far below the limit overstates the slope: the estimate is a lower
-bound, and the way to be sure of a batch is to compile it.
+then for each generation the largest batch per chip of the train step (float32 compute,
+precision 'high') as the compiles bracket it: the largest that compiled and the smallest
+that XLA:TPU refused. A TPU program's memory is assigned when it is compiled, and XLA:TPU
+refuses one that does not fit the chip, so a compile decides what fits; XLA's memory
+analysis does not (it read 115% of a v5e chip for a batch that compiled: RESULTS.md).
 """
 import json
 import pathlib
@@ -20,10 +17,7 @@ import re
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-NOMINAL_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32}
-TARGET_KIND = {'v4': 'TPU v4', 'v5e': 'TPU v5 lite', 'v5p': 'TPU v5', 'v6e': 'TPU v6 lite'}
-V5E_USABLE = 15.75 / 16   # XLA:TPU's "available HBM" of a v5e chip over its nominal HBM
-# Lines left out of the largest-batch lines: not a TPU VM's program.
+# Left out of the largest-batch lines: not a TPU VM's program.
 NOT_A_VM = {'v4_8cores_high_b32': 'libtpu\'s compile-only v4 default, one device per TensorCore '
                                   '(8 on 4 chips); a TPU VM drives each v4 chip as one device'}
 _ERROR = re.compile(r'at (\d+) images per chip \(train\.batch_size = (\d+) over (\d+) chips\) '
@@ -67,27 +61,23 @@ def rows(lines: list, refused: list) -> list[str]:
 
 
 def largest_batches(lines: list, refused: list) -> list[str]:
-  """One line per generation with two or more float32 train-step points."""
-  points, usable = {}, {}
+  """One line per generation: the largest float32 train step per chip that compiled and
+  the smallest that was refused."""
+  compiled, too_big = {}, {}
   for l in lines:
     if (l['program'] == 'train' and l['compute_dtype'] == 'float32'
         and l['precision'] == 'high' and l['label'] not in NOT_A_VM):
-      points.setdefault(l['device_kind'], {})[l['batch_per_device']] = l['memory']['peak_gib']
-  for r in refused:
-    points.setdefault(r['device_kind'], {}).setdefault(r['batch_per_device'], r['need_gib'])
-    usable[r['device_kind']] = r['has_gib']
+      compiled.setdefault(l['device_kind'], []).append(l['batch_per_device'])
+  for r in refused:   # an error line names no settings: tpu_table.sh's labels do
+    if '_high_' in r['label']:
+      too_big.setdefault(r['device_kind'], []).append(r['batch_per_device'])
   out = []
-  for kind, by_batch in sorted(points.items()):
-    if len(by_batch) < 2:
-      out.append(f'- {kind}: one point only ({by_batch}), no line')
-      continue
-    (b0, m0), (b1, m1) = sorted(by_batch.items())[0], sorted(by_batch.items())[-1]
-    slope = (m1 - m0) / (b1 - b0)
-    limit = usable.get(kind, NOMINAL_GIB[kind] * V5E_USABLE)
-    largest = int((limit - (m0 - slope * b0)) / slope)
-    out.append(f'- {kind}: {", ".join(f"{b}: {m:.2f}" for b, m in sorted(by_batch.items()))} '
-               f'GiB (images per chip: HBM) -> {m0 - slope * b0:.2f} GiB + {slope:.3f} GiB '
-               f'per image; {limit:.2f} GiB usable -> about {largest} images per chip')
+  for kind in sorted(set(compiled) | set(too_big)):
+    fits = max(compiled.get(kind, [0]))
+    refused_at = min((b for b in too_big.get(kind, []) if b > fits), default=None)
+    span = (f'{fits} <= largest < {refused_at}' if refused_at
+            else f'largest >= {fits} (nothing larger compiled or refused)')
+    out.append(f'- {kind}: {span} images per chip')
   return out
 
 

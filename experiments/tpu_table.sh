@@ -22,11 +22,8 @@ v5p_high_b64|v5p|2x2x1|train|--config.train.batch_size=256
 v6e_high_b64|v6e|2x2|train|--config.train.batch_size=256
 v5e_high_b32|v5e|2x2|train|--config.train.batch_size=128
 v5e_bf16_b64|v5e|2x2|train|--config.train.batch_size=256 --config.model.compute_dtype=bfloat16
-v5e_eval_sample|v5e|2x2|eval,sample|
-v4_high_b16|v4|2x2x1|train|--config.train.batch_size=64
-v5p_high_b16|v5p|2x2x1|train|--config.train.batch_size=64
-v6e_high_b16|v6e|2x2|train|--config.train.batch_size=64
 v5e_high_b48|v5e|2x2|train|--config.train.batch_size=192
+v5e_eval_sample|v5e|2x2|eval,sample|
 v4_bf16_b64|v4|2x2x1|train|--config.train.batch_size=256 --config.model.compute_dtype=bfloat16
 v5p_bf16_b64|v5p|2x2x1|train|--config.train.batch_size=256 --config.model.compute_dtype=bfloat16
 v6e_bf16_b64|v6e|2x2|train|--config.train.batch_size=256 --config.model.compute_dtype=bfloat16

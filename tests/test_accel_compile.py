@@ -256,27 +256,33 @@ def test_a_train_step_that_cannot_fit_a_v5e_chip_is_one_error_line(tmp_path):
   assert '--config.model.remat=True' in errors[0] and 'Traceback' not in result.stderr
 
 
-def test_tpu_table_finds_the_largest_batch_on_the_line_through_two_compiles(tmp_path):
-  """experiments/tpu_table.py: peak(b) = a + s*b through the two points, largest b with
-  peak(b) <= usable HBM; an XLA:TPU refusal is a point too and gives the usable HBM."""
+def test_tpu_table_brackets_the_largest_batch_between_compiled_and_refused(tmp_path):
+  """experiments/tpu_table.py: per generation, the largest float32 train step that compiled
+  and the smallest refused above it (tpu_table.sh's '_high_' labels); bf16 and other
+  programs do not count."""
   import tpu_table
 
-  def line(kind, per_chip, peak):
+  def line(kind, per_chip, dtype='float32', program='train'):
     return json.dumps({'config': 'x/configs/cifar10.py', 'device_kind': kind, 'devices': 4,
-                       'program': 'train', 'batch_per_device': per_chip,
-                       'compute_dtype': 'float32', 'precision': 'high', 'compile_s': 1.0,
-                       'host_peak_gib': 1.0, 'memory': {'peak_gib': peak}, 'kernels': 1,
-                       'collectives': {}})
-  (tmp_path / 'v6e_a.jsonl').write_text(line('TPU v6 lite', 16, 10.0) + '\n')
-  (tmp_path / 'v6e_b.jsonl').write_text(line('TPU v6 lite', 64, 22.0) + '\n')
-  (tmp_path / 'v5e_a.jsonl').write_text(line('TPU v5 lite', 16, 8.0) + '\n')
-  (tmp_path / 'v5e_b.error.txt').write_text(
-      'error: the train program at 64 images per chip (train.batch_size = 256 over 4 chips) '
-      'needs 20.00G of memory per chip, and a TPU v5 lite chip has 15.75G. Make it fit: ...\n')
+                       'program': program, 'batch_per_device': per_chip,
+                       'compute_dtype': dtype, 'precision': 'high', 'compile_s': 1.0,
+                       'host_peak_gib': 1.0, 'memory': {'peak_gib': 1.0}, 'kernels': 1,
+                       'collectives': {}}) + '\n'
+
+  def refusal(per_chip):
+    return (f'error: the train program at {per_chip} images per chip (train.batch_size = '
+            f'{4 * per_chip} over 4 chips) needs 20.00G of memory per chip, and a TPU v5 '
+            'lite chip has 15.75G. Make it fit: ...\n')
+  (tmp_path / 'v5e_high_b16.jsonl').write_text(line('TPU v5 lite', 16))
+  (tmp_path / 'v5e_high_b32.jsonl').write_text(line('TPU v5 lite', 32))
+  (tmp_path / 'v5e_bf16_b128.jsonl').write_text(line('TPU v5 lite', 128, dtype='bfloat16'))
+  (tmp_path / 'v5e_eval.jsonl').write_text(line('TPU v5 lite', 256, program='eval'))
+  (tmp_path / 'v5e_high_b64.error.txt').write_text(refusal(64))
+  (tmp_path / 'v5e_high_b96.error.txt').write_text(refusal(96))
+  (tmp_path / 'v5e_bf16_b48.error.txt').write_text(refusal(48))
+  (tmp_path / 'v6e_high_b64.jsonl').write_text(line('TPU v6 lite', 64))
   lines, refused = tpu_table.read(tmp_path)
-  summary = '\n'.join(tpu_table.largest_batches(lines, refused))
-  # v6e: 6 GiB + 0.25 GiB per image, 32 GiB * 15.75/16 = 31.5 usable -> 102 images.
-  assert 'TPU v6 lite' in summary and 'about 102 images per chip' in summary, summary
-  # v5e: 8 + (20 - 8)/48 = 0.25 per image from 16 -> 4 GiB + 0.25 b <= 15.75 -> 47 images.
-  assert 'about 47 images per chip' in summary, summary
-  assert len(tpu_table.rows(lines, refused)) == 2 + 4
+  assert tpu_table.largest_batches(lines, refused) == [
+      '- TPU v5 lite: 32 <= largest < 64 images per chip',
+      '- TPU v6 lite: largest >= 64 (nothing larger compiled or refused) images per chip']
+  assert len(tpu_table.rows(lines, refused)) == 2 + 5 + 3
