@@ -12,6 +12,12 @@ cd "$(dirname "$0")/.."
 PY=${DENSEFLOW_TPU_COMPILE_PYTHON:-.venv-tpu-compile/bin/python}
 OUT=experiments/results/tpu_compile
 LOGS=${TPU_TABLE_LOGS:-/tmp/tpu_table_logs}
+if ! [ -x "$PY" ]; then
+  echo "error: no $PY: make the venv first (python -m venv .venv-tpu-compile &&" \
+       ".venv-tpu-compile/bin/pip install -e \".[tpu]\"), or name its Python in" \
+       "DENSEFLOW_TPU_COMPILE_PYTHON" >&2
+  exit 2
+fi
 mkdir -p "$OUT" "$LOGS"
 
 # label | target | topology | programs | config overrides (64 images per chip on 4 chips = 256)
