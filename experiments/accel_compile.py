@@ -82,7 +82,10 @@ GPU_TARGETS = {'h200': HERE / 'gpu_targets' / 'h200.txtpb',
 # per core, 8 on a v4-8, which is not what a TPU VM runs), v5e and v6e chips have one.
 TPU_TARGETS = {'v4': ('v4', '2x2x1', 32, 'megacore'), 'v5e': ('v5e', '2x2', 16, 'default'),
                'v5p': ('v5p', '2x2x1', 95, 'megacore'), 'v6e': ('v6e', '2x2', 32, 'default')}
-CHIPS_PER_HOST = (2, 2, 1)   # a TPU VM host of these generations drives 4 chips
+# A TPU VM host of a multi-host slice drives 4 chips (2x2). Single-host v5e-8 / v6e-8 VMs
+# (one host, 8 chips) are compiled as 2 hosts of 4: the same per-chip program, but the
+# mesh report's process count is not theirs.
+CHIPS_PER_HOST = (2, 2, 1)
 PROGRAMS = ('train', 'eval', 'sample')
 STEPS_PER_EPOCH = 1000   # a constant of the lr schedule alone: the program does not depend on it
 INSTALL = {'cuda': 'pip install -e ".[gpu-compile]" (JAX\'s CUDA plugin at jax\'s version and '
@@ -326,7 +329,8 @@ def main(argv):
                              _HLO_DIR.value, _STATE_LAYOUT.value)
     except device_memory.DeviceMemoryError as error:
       print(f'error: {error}', file=sys.stderr)
-      print(f'XLA said: {error.compiler_says}', file=sys.stderr)
+      if error.compiler_says:
+        print(f'XLA said: {error.compiler_says}', file=sys.stderr)
       return 1
     except (CompileError, ConfigError) as error:
       print(f'error: {error}', file=sys.stderr)

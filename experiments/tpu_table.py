@@ -33,7 +33,10 @@ def read(folder: pathlib.Path) -> tuple[list, list]:
   refused = []
   for path in sorted(folder.glob('*.error.txt')):
     match = _ERROR.search(path.read_text())
-    if match:
+    if not match:
+      print(f'warning: {path.name} holds no refusal this script can read (left out)',
+            file=sys.stderr)
+    else:
       per_chip, batch, chips, need, kind, has = match.groups()
       refused.append({'label': path.name.removesuffix('.error.txt'), 'device_kind': kind,
                       'batch_per_device': int(per_chip), 'devices': int(chips),
@@ -73,10 +76,15 @@ def largest_batches(lines: list, refused: list) -> list[str]:
       too_big.setdefault(r['device_kind'], []).append(r['batch_per_device'])
   out = []
   for kind in sorted(set(compiled) | set(too_big)):
-    fits = max(compiled.get(kind, [0]))
-    refused_at = min((b for b in too_big.get(kind, []) if b > fits), default=None)
-    span = (f'{fits} <= largest < {refused_at}' if refused_at
-            else f'largest >= {fits} (nothing larger compiled or refused)')
+    fits, refused_at = max(compiled.get(kind, [0])), min(too_big.get(kind, [0]), default=0)
+    if not fits:
+      span = f'largest < {refused_at} (nothing compiled)'
+    elif not refused_at:
+      span = f'largest >= {fits} (nothing larger compiled or refused)'
+    elif refused_at <= fits:
+      span = f'contradiction: {fits} compiled, {refused_at} refused (different code?)'
+    else:
+      span = f'{fits} <= largest < {refused_at}'
     out.append(f'- {kind}: {span} images per chip')
   return out
 

@@ -260,10 +260,10 @@ def test_tpu_table_brackets_the_largest_batch_between_compiled_and_refused(tmp_p
   programs do not count."""
   import tpu_table
 
-  def line(kind, per_chip, dtype='float32', program='train'):
+  def line(kind, per_chip, dtype='float32', program='train', precision='high'):
     return json.dumps({'config': 'x/configs/cifar10.py', 'device_kind': kind, 'devices': 4,
                        'program': program, 'batch_per_device': per_chip,
-                       'compute_dtype': dtype, 'precision': 'high', 'compile_s': 1.0,
+                       'compute_dtype': dtype, 'precision': precision, 'compile_s': 1.0,
                        'host_peak_gib': 1.0, 'memory': {'peak_gib': 1.0}, 'kernels': 1,
                        'collectives': {}}) + '\n'
 
@@ -278,9 +278,15 @@ def test_tpu_table_brackets_the_largest_batch_between_compiled_and_refused(tmp_p
   (tmp_path / 'v5e_high_b64.error.txt').write_text(refusal(64))
   (tmp_path / 'v5e_high_b96.error.txt').write_text(refusal(96))
   (tmp_path / 'v5e_bf16_b48.error.txt').write_text(refusal(48))
+  (tmp_path / 'v5e_default_b48.jsonl').write_text(line('TPU v5 lite', 48, precision='default'))
+  (tmp_path / 'v4_8cores_high_b32.jsonl').write_text(line('TPU v4', 96))   # NOT_A_VM
+  (tmp_path / 'v4_high_b64.jsonl').write_text(line('TPU v4', 64))
   (tmp_path / 'v6e_high_b64.jsonl').write_text(line('TPU v6 lite', 64))
+  (tmp_path / 'v5p_high_b512.error.txt').write_text(refusal(512).replace('v5 lite', 'v5'))
   lines, refused = tpu_table.read(tmp_path)
   assert tpu_table.largest_batches(lines, refused) == [
+      '- TPU v4: largest >= 64 (nothing larger compiled or refused) images per chip',
+      '- TPU v5: largest < 512 (nothing compiled) images per chip',
       '- TPU v5 lite: 32 <= largest < 64 images per chip',
       '- TPU v6 lite: largest >= 64 (nothing larger compiled or refused) images per chip']
-  assert len(tpu_table.rows(lines, refused)) == 2 + 5 + 3
+  assert len(tpu_table.rows(lines, refused)) == 2 + 8 + 4
