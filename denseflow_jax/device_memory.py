@@ -45,19 +45,20 @@ def out_of_memory(error: Exception, program: str, batch: int, devices: int,
   if 'RESOURCE_EXHAUSTED' not in message:
     return None
   per_chip = max(1, batch // max(1, devices))
+  first_line = message.strip().splitlines()[0]   # XLA's own summary of the failure
   needed, available = _amounts(message)
   chip = f'a {device_kind} chip' if device_kind else 'one chip'
   if needed:
     what = f'needs {needed} of memory per chip, and {chip} has {available}'
   else:
-    what = f'does not fit the memory of {chip} ({message.strip().splitlines()[0][:200]})'
+    what = f'does not fit the memory of {chip} ({first_line[:200]})'
   smaller = max(devices, batch // 2 // devices * devices)
   too_big = DeviceMemoryError(
       f'{program} at {per_chip} images per chip ({field} = {batch} over {devices} chips) '
       f'{what}. Make it fit: a smaller batch (--config.{field}={smaller}), '
       f'--config.model.remat=True (recompute the coupling networks in the backward pass), '
       f'or --config.model.compute_dtype=bfloat16')
-  too_big.compiler_says = message.strip().splitlines()[0]
+  too_big.compiler_says = first_line
   return too_big
 
 
